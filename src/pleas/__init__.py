@@ -8,6 +8,7 @@ from .graph import (
     register_method_handler,
     register_module_handler,
 )
+from .factory import create_model
 from .rebuild import build_model
 from .spec import Group, Member, PermutationSpec, Site
 from .transform import GroupMap, duplication_map, permutation_map, permute_state_dict, transform_state_dicts
@@ -26,6 +27,7 @@ __all__ = [
     "UnsupportedOpError",
     "build_model",
     "build_spec",
+    "create_model",
     "duplication_map",
     "permutation_map",
     "permute_state_dict",

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .errors import SpecError
-from .graph.registry import find_module_handler
+from .graph.registry import find_resizer
 
 
 def build_model(template: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:
@@ -37,10 +37,10 @@ def build_model(template: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.
         if tuple(old.shape) != tuple(tensor.shape):
             resized[path] = module
     for path, module in resized.items():
-        handler = find_module_handler(module)
-        if handler is not None and handler.resize is not None:
+        resize = find_resizer(module)
+        if resize is not None:
             try:
-                handler.resize(module)
+                resize(module)
             except ValueError as exc:
                 raise SpecError(f"cannot resize module {path!r}: {exc}") from exc
     return model

@@ -45,8 +45,10 @@ class Member:
         text = f"{self.param}:{self.axis}"
         if self.role == "in":
             text += "(in)"
-        if self.offset or self.repeat != 1:
-            text += f"[{self.offset}+{self.repeat}x]"
+        if self.offset:
+            text += f"@{self.offset}"
+        if self.repeat != 1:
+            text += f"x{self.repeat}"
         return text
 
 

@@ -97,9 +97,10 @@ def binary(ctx):
         axis = result.dim - (len(out_shape) - len(ref.shape))
         if axis < 0 or ref.shape[axis] == 1:
             continue
-        if ref.shape[axis] != result.size:
+        stored_axis = ref.stored_axis(axis)
+        if ref.shape[axis] != result.size or stored_axis is None:
             raise ctx.fail(f"parameter {ref.name} of shape {ref.shape} does not broadcast along the units")
-        ctx.attach(ref.name, axis, "out", result)
+        ctx.attach(ref.name, stored_axis, "out", result)
     for a in plain:
         shape = ctx.shape(a)
         axis = result.dim - (len(out_shape) - len(shape))
@@ -109,3 +110,17 @@ def binary(ctx):
                 "entries would not follow a permutation"
             )
     return result
+
+
+def _register_optional() -> None:
+    """Elementwise ops of optional packages (torchvision's stochastic depth is identity per unit)."""
+    try:
+        from torchvision.ops import stochastic_depth
+        from torchvision.ops.stochastic_depth import StochasticDepth
+    except ImportError:
+        return
+    function_handler(stochastic_depth)(unary)
+    module_handler(StochasticDepth)(unary)
+
+
+_register_optional()

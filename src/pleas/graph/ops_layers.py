@@ -1,9 +1,10 @@
 """Handlers for layers that mix units: Linear, Conv1d/2d/3d (dense and depthwise), Embedding."""
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import nn
 
-from .registry import module_handler
+from .registry import function_handler, module_handler
 
 
 def _last_dim(ctx) -> int:
@@ -17,16 +18,32 @@ def _resize_linear(m: nn.Linear) -> None:
 @module_handler(nn.Linear, resize=_resize_linear)
 def linear(ctx):
     """y = x W^T + b over the last dimension. W: (out, in); the output's units are new."""
+    return _linear(ctx, ctx.param("weight"), ctx.param("bias"), ctx.module.out_features)
+
+
+@function_handler(F.linear)
+def linear_function(ctx):
+    """``F.linear(x, weight, bias)`` with module tensors (timm's Linear subclasses)."""
+    from .trace import ParamRef
+
+    weight, bias = ctx.value(ctx.arg(1, "weight")), ctx.value(ctx.arg(2, "bias"))
+    if not isinstance(weight, ParamRef):
+        raise ctx.fail("F.linear with a computed weight; only module parameters are supported")
+    bias_name = bias.name if isinstance(bias, ParamRef) else None
+    return _linear(ctx, weight.name, bias_name, weight.shape[0])
+
+
+def _linear(ctx, weight: str | None, bias: str | None, out_features: int):
     x = ctx.features(ctx.arg(0, "input"))
     last = _last_dim(ctx)
     if x is not None and x.dim != last and not _all_fixed(ctx, x):
         # The layer mixes a non-unit dimension (token mixing): the units pass through untouched.
         return x
     if x is not None and x.dim == last:
-        ctx.attach(ctx.param("weight"), 1, "in", x)
-    out = ctx.new(ctx.module.out_features, last)
-    ctx.attach(ctx.param("weight"), 0, "out", out)
-    ctx.attach(ctx.param("bias"), 0, "out", out)
+        ctx.attach(weight, 1, "in", x)
+    out = ctx.new(out_features, last)
+    ctx.attach(weight, 0, "out", out)
+    ctx.attach(bias, 0, "out", out)
     return out
 
 

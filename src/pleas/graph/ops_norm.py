@@ -1,9 +1,10 @@
 """Handlers for normalisation layers: BatchNorm, LayerNorm, GroupNorm (per-unit parameters)."""
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import nn
 
-from .registry import module_handler
+from .registry import function_handler, module_handler
 
 _BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
@@ -70,4 +71,38 @@ def groupnorm(ctx):
         ctx.sets.set_block(x.segments[0].axis_set, m.num_channels // m.num_groups, ctx.where)
     ctx.attach(ctx.param("weight"), 0, "out", x)
     ctx.attach(ctx.param("bias"), 0, "out", x)
+    return x
+
+
+def _attach_refs(ctx, refs, axis_of, x) -> None:
+    from .trace import ParamRef
+
+    for ref in refs:
+        v = ctx.value(ref)
+        if isinstance(v, ParamRef):
+            ctx.attach(v.name, axis_of(v), "out", x)
+
+
+@function_handler(F.batch_norm)
+def batchnorm_function(ctx):
+    """``F.batch_norm(x, running_mean, running_var, weight, bias, ...)`` with module tensors."""
+    x = ctx.features(ctx.arg(0, "input"))
+    if x is None or x.dim != 1:
+        raise ctx.fail("batch_norm needs its channels on dimension 1 of a traced activation")
+    refs = [ctx.arg(i, n) for i, n in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))]
+    _attach_refs(ctx, refs, lambda ref: 0, x)
+    return x
+
+
+@function_handler(F.layer_norm)
+def layernorm_function(ctx):
+    """``F.layer_norm(x, normalized_shape, weight, bias, eps)``; the units must be normalised over."""
+    x = ctx.features(ctx.arg(0, "input"))
+    if x is None:
+        return None
+    k, ndim = len(ctx.arg(1, "normalized_shape")), ctx.ndim()
+    axis = x.dim - (ndim - k)
+    if axis < 0:
+        raise ctx.fail(f"layer_norm over the last {k} dims does not cover the unit dimension {x.dim}")
+    _attach_refs(ctx, [ctx.arg(2, "weight"), ctx.arg(3, "bias")], lambda ref: axis, x)
     return x

@@ -38,11 +38,15 @@ def spatial(ctx):
 @function_handler(torch.flatten, torch.reshape, torch.unflatten, methods=("flatten", "view", "reshape", "unflatten"))
 def reshape(ctx):
     """A reshape keeps, merges or splits the unit dimension; which one is read off the shapes."""
+    from .trace import ParamRef
+
     src = ctx.arg(0, "input")
-    x = ctx.features(src)
-    if x is None:
+    v = ctx.value(src)
+    if isinstance(v, ParamRef):  # e.g. a layer scale reshaped to (1, C, 1, 1)
+        return ParamRef(v.name, ctx.shape(), v.stored if v.stored is not None else v.shape)
+    if not isinstance(v, Features):
         return None
-    return _reshape(ctx, x, ctx.shape(src), ctx.shape())
+    return _reshape(ctx, v, ctx.shape(src), ctx.shape())
 
 
 def _reshape(ctx, x: Features, shape_in: tuple, shape_out: tuple) -> Features:

@@ -88,3 +88,16 @@ def find_module_handler(module: nn.Module) -> ModuleHandler | None:
         if base in MODULE_HANDLERS and cls.forward is base.forward:
             return MODULE_HANDLERS[base]
     return None
+
+
+def find_resizer(module: nn.Module) -> Resizer | None:
+    """The ``resize`` of the nearest registered class in ``type(module)``'s MRO.
+
+    Unlike tracing, resizing only depends on the attributes a class inherits, so a subclass with its
+    own ``forward`` (timm's ``BatchNormAct2d``) still uses its base class's resize.
+    """
+    for base in type(module).__mro__:
+        handler = MODULE_HANDLERS.get(base)
+        if handler is not None and handler.resize is not None:
+            return handler.resize
+    return None

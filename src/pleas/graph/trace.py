@@ -23,10 +23,26 @@ from .axes import AxisSets, Features, Segment
 
 @dataclass(frozen=True)
 class ParamRef:
-    """The value of a ``get_attr`` node: a parameter or buffer used directly in ``forward``."""
+    """The value of a ``get_attr`` node: a parameter or buffer used directly in ``forward``.
+
+    ``shape`` is the shape as used (after reshapes that only add or drop size-1 dimensions),
+    ``stored`` the shape in the state dict.
+    """
 
     name: str
     shape: tuple[int, ...]
+    stored: tuple[int, ...] | None = None
+
+    def stored_axis(self, axis: int) -> int | None:
+        """The state-dict axis behind axis ``axis`` of the used shape (None if it is size 1)."""
+        stored = self.stored if self.stored is not None else self.shape
+        if self.shape[axis] == 1:
+            return None
+        used = [i for i, n in enumerate(self.shape) if n != 1]
+        kept = [i for i, n in enumerate(stored) if n != 1]
+        if [self.shape[i] for i in used] != [stored[i] for i in kept]:
+            return None
+        return kept[used.index(axis)]
 
 
 class _LeafTracer(fx.Tracer):

@@ -1,0 +1,63 @@
+"""Permuting every group leaves a model's function unchanged; widening by duplication too."""
+import copy
+
+import torch
+
+import pleas
+from conftest import assert_close
+
+
+def test_random_permutation_of_every_group_keeps_outputs(model_and_input):
+    model, x = model_and_input
+    spec = pleas.build_spec(model, x)
+    perms = spec.random_permutations(seed=1)
+    assert all(not torch.equal(p, torch.arange(len(p))) for p in perms.values() if len(p) > 2)
+    permuted = pleas.build_model(model, pleas.permute_state_dict(model.state_dict(), spec, perms)).eval()
+    with torch.no_grad():
+        assert_close(model(x), permuted(x))
+
+
+def test_permutation_really_moves_weights(model_and_input):
+    """Guard against a vacuous pass: permuting only one group (a wrong spec) must change outputs."""
+    model, x = model_and_input
+    spec = pleas.build_spec(model, x)
+    sd = model.state_dict()
+    order = {k: i for i, k in enumerate(sd)}
+    # The reader nearest the output (random-init layer scales can mute earlier blocks).
+    group, member = max(
+        ((g, m) for g in spec for m in g.members if m.role == "in"), key=lambda gm: order[gm[1].param]
+    )
+    perm = group.random_permutation(torch.Generator().manual_seed(3))
+    broken = dict(sd)
+    t = sd[member.param].movedim(member.axis, 0)
+    lo, hi = member.span(group.width)
+    idx = torch.arange(t.shape[0])
+    idx[lo:hi] = (lo + (perm[:, None] * member.repeat + torch.arange(member.repeat)).reshape(-1))
+    broken[member.param] = t[idx].movedim(0, member.axis)
+    wrong = pleas.build_model(model, broken).eval()
+    with torch.no_grad():
+        assert float((model(x) - wrong(x)).abs().max()) > 1e-3 * float(model(x).abs().max())
+
+
+def test_doubling_every_group_keeps_outputs(model_and_input):
+    model, x = model_and_input
+    spec = pleas.build_spec(model, x)
+    maps = {g.name: pleas.duplication_map(g.width, 2) for g in spec}
+    wide = pleas.build_model(model, pleas.transform_state_dicts(spec, [model.state_dict()], maps)).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    assert sum(p.numel() for p in wide.parameters()) > 1.5 * n_params
+    wide_spec = pleas.build_spec(wide, x)
+    assert [g.width for g in wide_spec] == [2 * g.width for g in spec]
+    with torch.no_grad():
+        assert_close(model(x), wide(x))
+
+
+def test_caller_model_is_not_modified(model_and_input):
+    model, x = model_and_input
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    spec = pleas.build_spec(model, x)
+    pleas.build_model(model, pleas.permute_state_dict(model.state_dict(), spec, spec.random_permutations(0)))
+    assert model.training
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
