@@ -28,7 +28,8 @@ def test_resnet18_residual_streams_are_single_groups():
     stream = spec["layer4.0.conv2"]
     params = {m.param for m in stream.members}
     assert {"layer4.0.downsample.0.weight", "layer4.1.bn2.running_var", "fc.weight"} <= params
-    assert stream.width == 512 and len(stream.sites) >= 4
+    assert stream.width == 512 and [s.node for s in stream.sites] == ["layer4_0_relu_1", "flatten"]
+    assert [g.name for g in spec.outputs] == ["fc"] and spec.outputs[0].width == 1000
 
 
 def test_flatten_and_cat_members_cover_slices():

@@ -1,6 +1,7 @@
 """pleas: merge two neural networks trained from different initialisations into one model of any size
 between 1x and 2x, with Permutations and Least Squares (PLeaS, CVPR 2025) and the methods it is
 measured against."""
+from .api import MergeResult, merge
 from .errors import MergeInputError, PleasError, SpecError, UnsupportedOpError
 from .graph import (
     build_spec,
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Group",
     "GroupMap",
+    "MergeResult",
     "Member",
     "MergeInputError",
     "PermutationSpec",
@@ -29,6 +31,7 @@ __all__ = [
     "build_spec",
     "create_model",
     "duplication_map",
+    "merge",
     "permutation_map",
     "permute_state_dict",
     "register_function_handler",

@@ -54,11 +54,15 @@ class Member:
 
 @dataclass(frozen=True)
 class Site:
-    """An activation (a traced graph node) whose axis ``dim`` carries exactly the group's units."""
+    """An activation that a layer reads the group's units from: graph node ``node``, whose dimension
+    ``dim`` holds the units in entries [offset, offset + width*repeat), each unit spanning ``repeat``
+    consecutive entries. Activation statistics and least-squares inputs are taken at sites."""
 
     node: str
     target: str
     dim: int
+    offset: int = 0
+    repeat: int = 1
 
 
 @dataclass
@@ -86,11 +90,19 @@ class Group:
 class PermutationSpec:
     """The groups of a model, in topological order, with look-ups by group and by parameter."""
 
-    def __init__(self, groups: list[Group], *, input_shape: tuple[int, ...] | None = None):
+    def __init__(
+        self,
+        groups: list[Group],
+        *,
+        input_shape: tuple[int, ...] | None = None,
+        outputs: list[Group] | None = None,
+    ):
         names = [g.name for g in groups]
         if len(set(names)) != len(names):
             raise SpecError(f"group names must be unique, got duplicates in {names}")
         self.groups = list(groups)
+        # The output axes (class axes): not permutable, but kept apart when heads are separate.
+        self.outputs = list(outputs or [])
         self.input_shape = tuple(input_shape) if input_shape is not None else None
         self._by_name = {g.name: g for g in self.groups}
         self._by_param: dict[str, list[tuple[Group, Member]]] = {}
@@ -122,6 +134,10 @@ class PermutationSpec:
     def params(self) -> list[str]:
         return list(self._by_param)
 
+    def with_outputs(self) -> "PermutationSpec":
+        """This spec with the output axes as ordinary groups (for separate heads, never merged)."""
+        return PermutationSpec(self.groups + self.outputs, input_shape=self.input_shape)
+
     def random_permutations(self, seed: int = 0) -> dict[str, torch.Tensor]:
         """One random (block-respecting) permutation per group, reproducible from ``seed``."""
         gen = torch.Generator().manual_seed(seed)
@@ -142,23 +158,27 @@ class PermutationSpec:
             "format": "pleas.spec/1",
             "input_shape": list(self.input_shape) if self.input_shape else None,
             "groups": [asdict(g) for g in self.groups],
+            "outputs": [asdict(g) for g in self.outputs],
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> "PermutationSpec":
         if data.get("format") != "pleas.spec/1":
             raise SpecError(f"not a pleas spec (format={data.get('format')!r}; expected 'pleas.spec/1')")
-        groups = [
-            Group(
+        def group(g: dict) -> Group:
+            return Group(
                 name=g["name"],
                 width=g["width"],
                 members=[Member(**m) for m in g["members"]],
                 sites=[Site(**s) for s in g["sites"]],
                 block=g.get("block", 1),
             )
-            for g in data["groups"]
-        ]
-        return cls(groups, input_shape=data.get("input_shape"))
+
+        return cls(
+            [group(g) for g in data["groups"]],
+            input_shape=data.get("input_shape"),
+            outputs=[group(g) for g in data.get("outputs", [])],
+        )
 
     def to_json(self, path: str | Path | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=1)

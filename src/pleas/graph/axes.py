@@ -50,6 +50,7 @@ class AxisSets:
         self._parent: list[int] = []
         self._width: list[int] = []
         self._fixed: list[bool] = []
+        self._output: list[bool] = []
         self._block: list[int] = []
         self._origin: list[str] = []
         self._members: list[tuple[int, Member]] = []
@@ -59,6 +60,7 @@ class AxisSets:
         self._parent.append(len(self._parent))
         self._width.append(int(width))
         self._fixed.append(fixed)
+        self._output.append(False)
         self._block.append(1)
         self._origin.append(origin)
         return len(self._parent) - 1
@@ -83,11 +85,17 @@ class AxisSets:
         keep, drop = min(ra, rb), max(ra, rb)  # the earlier set names the group: topological order
         self._parent[drop] = keep
         self._fixed[keep] = self._fixed[keep] or self._fixed[drop]
+        self._output[keep] = self._output[keep] or self._output[drop]
         self._block[keep] = self._merge_block(self._block[keep], self._block[drop], where)
         return keep
 
     def fix(self, a: int) -> None:
+        """Make a set non-permutable (it meets a network input)."""
         self._fixed[self.find(a)] = True
+
+    def mark_output(self, a: int) -> None:
+        """Make a set non-permutable because it is (part of) the network's output."""
+        self._output[self.find(a)] = True
 
     def set_block(self, a: int, block: int, where: str) -> None:
         r = self.find(a)
@@ -116,14 +124,18 @@ class AxisSets:
     def width(self, a: int) -> int:
         return self._width[self.find(a)]
 
-    def groups(self):
-        """Yield (root, width, block, members, sites) for every non-fixed set with members, in order."""
+    def groups(self, *, outputs: bool = False):
+        """Yield (root, width, block, members, sites) for every set with members, in order: the
+        permutable ones, or with ``outputs=True`` the output axes that touch no network input."""
         members: dict[int, list[Member]] = {}
         sites: dict[int, list[Site]] = {}
         for a, m in self._members:
             members.setdefault(self.find(a), []).append(m)
         for a, s in self._sites:
-            sites.setdefault(self.find(a), []).append(s)
+            root = self.find(a)
+            if s not in sites.setdefault(root, []):
+                sites[root].append(s)
         for root in sorted(members):
-            if not self._fixed[root]:
-                yield root, self._width[root], self._block[root], members[root], sites.get(root, [])
+            if self._fixed[root] or self._output[root] != outputs:
+                continue
+            yield root, self._width[root], self._block[root], members[root], sites.get(root, [])

@@ -41,6 +41,7 @@ def _linear(ctx, weight: str | None, bias: str | None, out_features: int):
         return x
     if x is not None and x.dim == last:
         ctx.attach(weight, 1, "in", x)
+        ctx.read_site(ctx.arg(0, "input"), x)
     out = ctx.new(out_features, last)
     ctx.attach(weight, 0, "out", out)
     ctx.attach(bias, 0, "out", out)
@@ -84,6 +85,7 @@ def conv(ctx):
         )
     if x is not None:
         ctx.attach(ctx.param("weight"), 1, "in", x)
+        ctx.read_site(ctx.arg(0, "input"), x)
     out = ctx.new(m.out_channels, 1)
     ctx.attach(ctx.param("weight"), 0, "out", out)
     ctx.attach(ctx.param("bias"), 0, "out", out)

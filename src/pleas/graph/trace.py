@@ -149,6 +149,16 @@ class TraceContext:
             self._state.add_member(seg.axis_set, Member(param, axis, role, offset, seg.repeat), self.where)
             offset += seg.size
 
+    def read_site(self, x: Any, features: Features | None) -> None:
+        """Record that this layer reads ``features``' units from node ``x`` (its input activation)."""
+        if features is None or not isinstance(x, fx.Node):
+            return
+        offset = 0
+        for seg in features.segments:
+            site = Site(x.name, target_name(x), features.dim, offset, seg.repeat)
+            self.sets.add_site(seg.axis_set, site)
+            offset += seg.size
+
     def unite(self, a: Features, b: Features) -> None:
         """Tie the units of ``a`` and ``b`` one to one (a residual add, an elementwise product)."""
         if len(a.segments) != len(b.segments) or any(
@@ -222,7 +232,6 @@ def build_spec(model: nn.Module, example_input: Any) -> PermutationSpec:
     modules = dict(gm.named_modules())
     for node in gm.graph.nodes:
         state.values[node] = _dispatch(state, node, modules)
-    _add_sites(state, gm)
     return _collect(state, input_shape=tuple(inputs[0].shape))
 
 
@@ -237,7 +246,9 @@ def _dispatch(state: _TraceState, node: fx.Node, modules: dict[str, nn.Module]) 
     if node.op == "output":
         ctx = TraceContext(state, node, None)
         for f in _flatten_values(ctx.value(node.args[0])):
-            ctx.fix(f)
+            if f is not None:
+                for seg in f.segments:
+                    state.sets.mark_output(seg.axis_set)
         return None
     if node.op == "call_module":
         module = modules[node.target]
@@ -274,27 +285,23 @@ def _flatten_values(v: Any) -> Iterable[Any]:
         yield v
 
 
-def _add_sites(state: _TraceState, gm: fx.GraphModule) -> None:
-    for node in gm.graph.nodes:
-        v = state.values.get(node)
-        if node.op in ("placeholder", "output") or not isinstance(v, Features) or len(v.segments) != 1:
-            continue
-        seg = v.segments[0]
-        if seg.repeat == 1:
-            state.sets.add_site(seg.axis_set, Site(node.name, target_name(node), v.dim))
-
-
 def _collect(state: _TraceState, input_shape: tuple[int, ...]) -> PermutationSpec:
-    groups, used = [], set()
-    for root, width, block, members, sites in state.sets.groups():
-        base = state.sets.origin(root)
-        name, i = base, 1
-        while name in used:
-            i += 1
-            name = f"{base}#{i}"
-        used.add(name)
-        groups.append(Group(name, width, members, sites, block))
-    spec = PermutationSpec(groups, input_shape=input_shape)
+    used: set[str] = set()
+
+    def named(kind: bool) -> list[Group]:
+        out = []
+        for root, width, block, members, sites in state.sets.groups(outputs=kind):
+            base = state.sets.origin(root)
+            name, i = base, 1
+            while name in used:
+                i += 1
+                name = f"{base}#{i}"
+            used.add(name)
+            out.append(Group(name, width, members, sites, block))
+        return out
+
+    groups = named(False)
+    spec = PermutationSpec(groups, input_shape=input_shape, outputs=named(True))
     if not groups:
         raise SpecError("the model has no permutable units (every unit axis is an input or an output)")
     return spec

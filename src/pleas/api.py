@@ -1,0 +1,113 @@
+"""The stable entry point: :func:`merge`."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import MergeInputError
+from .job import MergeJob
+from .methods import get_method
+from .size import model_param_count
+from .spec import PermutationSpec
+
+
+@dataclass
+class MergeResult:
+    """What :func:`merge` returns.
+
+    ``model`` is the merged ``nn.Module`` in eval mode (with ``heads="separate"`` its forward returns
+    ``(out_a, out_b)``); ``merge_counts[g]`` is k_g, the number of merged unit pairs of group g;
+    ``widths[g]`` the merged width; ``report`` a JSON-ready summary (sizes, timings, options).
+    """
+
+    model: nn.Module
+    spec: PermutationSpec
+    merge_counts: dict[str, int]
+    widths: dict[str, int]
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def merge(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    data: Any,
+    *,
+    method: str = "rebasin",
+    budget: float = 1.0,
+    heads: str = "shared",
+    matching: str = "activation",
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    batch_size: int = 256,
+    reset_norms: bool = True,
+    progress: bool = True,
+    **options: Any,
+) -> MergeResult:
+    """Merge two models of one architecture into one model of size ``budget`` x one model.
+
+    Args:
+        model_a, model_b: the source models (never modified).
+        data: calibration inputs: a tensor (N, ...), a DataLoader, or an iterable of tensors or
+            (inputs, labels) pairs.
+        method: a registered method name (see ``pleas.methods.METHODS``).
+        budget: merged size relative to one source model, in [1, 2], counted in floating-point
+            entries of the returned model's state dict (with separate heads, the second head is
+            not counted).
+        heads: ``"shared"`` (one label space; outputs are merged) or ``"separate"`` (each source keeps
+            its head; the merged forward returns a tuple).
+        matching: ``"activation"`` (correlation of activations) or ``"weight"`` (Git Re-Basin).
+        seed: makes every random choice reproducible.
+        options: method options (e.g. ``alpha`` for ``zipit``).
+    """
+    start = time.perf_counter()
+    algo = get_method(method, **options)
+    if not isinstance(budget, (int, float)) or not 1.0 <= float(budget) <= 2.0:
+        raise MergeInputError(f"budget={budget!r} is out of range; allowed: a number in [1, 2] (1x to 2x)")
+    if not algo.min_budget <= budget <= algo.max_budget:
+        raise MergeInputError(
+            f"method {method!r} makes models of size {algo.min_budget:g}x to {algo.max_budget:g}x; got budget={budget}"
+        )
+    job = MergeJob.create(
+        model_a, model_b, data, budget=budget, heads=heads, matching=matching, seed=seed, device=device,
+        dtype=dtype, batch_size=batch_size, reset_norms=reset_norms, progress=progress,
+    )
+    t_setup = time.perf_counter()
+    maps = algo.plan(job)
+    t_plan = time.perf_counter()
+    model = job.build(maps)
+    t_build = time.perf_counter()
+    model = algo.finish(job, model).eval()
+    t_finish = time.perf_counter()
+    widths = {g.name: maps[g.name].width for g in job.spec}
+    counts = {g.name: 2 * g.width - widths[g.name] for g in job.spec}
+    base = job.base_size()
+    report = {
+        "method": method,
+        "options": options,
+        "budget": budget,
+        "heads": heads,
+        "matching": matching,
+        "seed": seed,
+        "size": {
+            "source_params": model_param_count(model_a),
+            "merged_params": model_param_count(model),
+            "relative_dense": job.size(widths) / base,
+        },
+        "groups": [
+            {"name": g.name, "width": g.width, "merged_width": widths[g.name], "merge_count": counts[g.name]}
+            for g in job.spec
+        ],
+        "seconds": {
+            "setup": t_setup - start,
+            "plan": t_plan - t_setup,
+            "build": t_build - t_plan,
+            "finish": t_finish - t_build,
+            "total": t_finish - start,
+        },
+    }
+    return MergeResult(model, job.spec, counts, widths, report)

@@ -1,0 +1,161 @@
+"""One merge in progress: validated inputs, private copies of the models, and cached statistics."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .calibration import Calibration
+from .errors import MergeInputError
+from .graph import build_spec
+from .heads import SeparateHeads
+from .plans import ensemble_map
+from .rebuild import build_model
+from .size import dense_param_count
+from .spec import PermutationSpec
+from .stats import Moments, collect_moments
+from .transform import GroupMap, transform_state_dicts
+
+HEADS = ("shared", "separate")
+MATCHINGS = ("activation", "weight")
+
+
+@dataclass
+class MergeJob:
+    """Everything a method needs. Built by :meth:`create`, which validates the inputs once."""
+
+    models: list[nn.Module]
+    spec: PermutationSpec
+    data: Calibration
+    budget: float
+    heads: str = "shared"
+    matching: str = "activation"
+    seed: int = 0
+    reset_norms: bool = True
+    progress: bool = True
+    _cache: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def create(
+        cls,
+        model_a: nn.Module,
+        model_b: nn.Module,
+        data: Any,
+        *,
+        budget: float,
+        heads: str,
+        matching: str,
+        seed: int,
+        device: str | torch.device,
+        dtype: torch.dtype,
+        batch_size: int,
+        reset_norms: bool,
+        progress: bool,
+    ) -> "MergeJob":
+        if heads not in HEADS:
+            raise MergeInputError(f"heads={heads!r}; allowed: {HEADS}")
+        if matching not in MATCHINGS:
+            raise MergeInputError(f"matching={matching!r}; allowed: {MATCHINGS}")
+        for label, m in (("model_a", model_a), ("model_b", model_b)):
+            if not isinstance(m, nn.Module):
+                raise MergeInputError(f"{label} must be an nn.Module, got {type(m).__name__}")
+        check_same_architecture(model_a, model_b)
+        for label, m in (("model_a", model_a), ("model_b", model_b)):
+            check_finite(m, label)
+        models = [copy.deepcopy(m).to(device=device, dtype=dtype).eval() for m in (model_a, model_b)]
+        calib = Calibration(data, batch_size=batch_size, device=device, dtype=dtype)
+        example = next(iter(calib))
+        for label, m in zip(("model_a", "model_b"), models):
+            try:
+                with torch.no_grad():
+                    m(example[:2])
+            except Exception as exc:  # the model's own error says what shape it wanted
+                raise MergeInputError(
+                    f"calibration batches of shape {tuple(example.shape)} do not fit {label}: {type(exc).__name__}: {exc}"
+                ) from exc
+        spec = build_spec(models[0], example[:2])
+        spec_b = build_spec(models[1], example[:2])
+        if spec.to_dict() != spec_b.to_dict():
+            raise MergeInputError("model_a and model_b have the same tensors but different graphs (forward differs)")
+        return cls(models, spec, calib, float(budget), heads, matching, seed, reset_norms, progress)
+
+    # --- cached statistics -----------------------------------------------------------------
+    @property
+    def state_dicts(self) -> list[dict[str, torch.Tensor]]:
+        return [m.state_dict() for m in self.models]
+
+    def moments(self) -> dict[str, Moments]:
+        """Moments of the stacked units of both models, per group (one pass over the data)."""
+        if "moments" not in self._cache:
+            self._cache["moments"] = collect_moments(self.models, self.spec, self.data, progress=self.progress)
+        return self._cache["moments"]
+
+    def match(self):
+        """The matching of B's units to A's (``self.matching`` decides how), cached."""
+        if "matching" not in self._cache:
+            from .matching import activation_matching, weight_matching
+
+            if self.matching == "weight":
+                sd_a, sd_b = self.state_dicts
+                self._cache["matching"] = weight_matching(self.spec, sd_a, sd_b, seed=self.seed)
+            else:
+                self._cache["matching"] = activation_matching(self.spec, self.moments())
+        return self._cache["matching"]
+
+    # --- sizes and building ----------------------------------------------------------------
+    @property
+    def build_spec(self) -> PermutationSpec:
+        """The spec the merged state dict is built over: with separate heads, the output axes too."""
+        return self.spec.with_outputs() if self.heads == "separate" else self.spec
+
+    def full_maps(self, maps: dict[str, GroupMap]) -> dict[str, GroupMap]:
+        if self.heads == "separate":
+            maps = dict(maps)
+            for g in self.spec.outputs:
+                maps[g.name] = ensemble_map(g.width, len(self.models))
+        return maps
+
+    def size(self, widths: dict[str, int]) -> int:
+        """Dense size (floating entries) of the merged model for these group widths."""
+        spec = self.build_spec
+        full = dict(widths)
+        if self.heads == "separate":
+            full.update({g.name: len(self.models) * g.width for g in self.spec.outputs})
+        return dense_param_count(spec, self.state_dicts[0], full)
+
+    def base_size(self) -> int:
+        """Size of one source model, plus the other sources' own heads when heads are separate, so
+        that ``budget`` measures the shared body."""
+        return self.size({g.name: g.width for g in self.spec})
+
+    def build(self, maps: dict[str, GroupMap]) -> nn.Module:
+        spec = self.build_spec
+        state = transform_state_dicts(spec, self.state_dicts, self.full_maps(maps))
+        model = build_model(self.models[0], state).eval()
+        if self.heads == "separate":
+            model = SeparateHeads(model, [g.width for g in self.spec.outputs for _ in self.models])
+        return model
+
+
+def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:
+    sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
+    if list(sd_a) != list(sd_b):
+        only_a, only_b = sorted(set(sd_a) - set(sd_b)), sorted(set(sd_b) - set(sd_a))
+        raise MergeInputError(
+            f"model_a and model_b have different architectures: tensors only in A {only_a[:5]}, only in B {only_b[:5]}"
+        )
+    for k in sd_a:
+        if sd_a[k].shape != sd_b[k].shape:
+            raise MergeInputError(
+                f"model_a and model_b have different architectures: {k} has shape {tuple(sd_a[k].shape)} in A "
+                f"and {tuple(sd_b[k].shape)} in B"
+            )
+
+
+def check_finite(model: nn.Module, label: str) -> None:
+    for k, t in model.state_dict().items():
+        if t.dtype.is_floating_point and not torch.isfinite(t).all():
+            raise MergeInputError(f"{label} has NaN or infinite values in {k!r}; refusing to merge")

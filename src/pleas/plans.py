@@ -1,0 +1,50 @@
+"""Group maps for the merge layouts: PLeaS partial merges, the ensemble, and how many units to merge."""
+from __future__ import annotations
+
+import torch
+
+from .transform import GroupMap
+
+
+def partial_merge_map(perm: torch.Tensor, similarity: torch.Tensor, k: int) -> GroupMap:
+    """PLeaS's layout for one group of width d: units ``[merged (k) | A-only (d-k) | B-only (d-k)]``.
+
+    ``perm[i]`` is B's unit paired with A's unit i; the ``k`` pairs with the highest ``similarity``
+    are merged (averaged), every other unit of A and of B is kept. Applied by
+    :func:`~pleas.transform.transform_state_dicts` this gives ALGORITHM.md's initial weights: merged
+    rows average A's and B's, kept rows copy their model's, and the A-only x B-only blocks are zero.
+    Merged pairs and kept units are listed in A's (resp. B's) unit order.
+    """
+    d = len(perm)
+    if not 0 <= k <= d:
+        raise ValueError(f"merge count k={k} must lie in [0, {d}]")
+    order = torch.argsort(similarity.double(), descending=True, stable=True)
+    merged_a = torch.sort(order[:k]).values
+    kept_a = torch.sort(order[k:]).values
+    kept_b = torch.sort(perm[kept_a]).values
+    m = 2 * d - k
+    merge = torch.zeros(m, 2 * d, dtype=torch.float64)
+    unmerge = torch.zeros(2 * d, m, dtype=torch.float64)
+    rows = torch.arange(k)
+    merge[rows, merged_a] = 0.5
+    merge[rows, d + perm[merged_a]] = 0.5
+    unmerge[merged_a, rows] = 1.0
+    unmerge[d + perm[merged_a], rows] = 1.0
+    a_rows = torch.arange(k, d)
+    merge[a_rows, kept_a] = 1.0
+    unmerge[kept_a, a_rows] = 1.0
+    b_rows = torch.arange(d, m)
+    merge[b_rows, d + kept_b] = 1.0
+    unmerge[d + kept_b, b_rows] = 1.0
+    return GroupMap(merge, unmerge)
+
+
+def ensemble_map(width: int, n_models: int = 2) -> GroupMap:
+    """Keep every unit of every model: the n models side by side (k = 0)."""
+    eye = torch.eye(n_models * width, dtype=torch.float64)
+    return GroupMap(eye, eye.clone())
+
+
+def merged_width(width: int, k: int) -> int:
+    """m = 2d - k: the width of a group of two models after merging k pairs."""
+    return 2 * width - k

@@ -1,0 +1,108 @@
+"""Streaming activation statistics at each group's sites, accumulated in float64.
+
+The models are traced once more with *taps*: the traced graph returns, beside its output, the tensors
+of every site. (Forward hooks cannot tell apart two calls of one module, such as torchvision's ResNet
+reusing ``relu``, nor see functional ops such as a residual add; a tapped graph sees every node.)
+"""
+from __future__ import annotations
+
+import copy
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .graph import trace_graph
+from .spec import Group, PermutationSpec, Site
+
+
+@dataclass
+class Moments:
+    """Running sums over samples of a D-vector z: count, sum z (D,), sum z z^T (D, D), in float64.
+
+    Sums are exactly additive, so statistics gathered in shards and added equal one pass.
+    """
+
+    count: float
+    sum: torch.Tensor
+    outer: torch.Tensor
+
+    @classmethod
+    def zeros(cls, dim: int) -> "Moments":
+        return cls(0.0, torch.zeros(dim, dtype=torch.float64), torch.zeros(dim, dim, dtype=torch.float64))
+
+    def update(self, z: torch.Tensor) -> None:
+        """Add samples ``z`` of shape (N, D)."""
+        z = z.double()
+        self.count += z.shape[0]
+        self.sum += z.sum(0)
+        self.outer += z.T @ z
+
+    def __add__(self, other: "Moments") -> "Moments":
+        return Moments(self.count + other.count, self.sum + other.sum, self.outer + other.outer)
+
+    def covariance(self) -> torch.Tensor:
+        mean = self.sum / self.count
+        return self.outer / self.count - torch.outer(mean, mean)
+
+    def correlation(self, eps: float = 1e-12) -> torch.Tensor:
+        """Pearson correlation (D, D); a unit with zero variance correlates 0 with everything."""
+        cov = self.covariance()
+        std = cov.diagonal().clamp_min(0).sqrt()
+        return cov / (torch.outer(std, std) + eps)
+
+
+def site_samples(t: torch.Tensor, site: Site, width: int) -> torch.Tensor:
+    """The group's units at ``site`` as samples: (N, width). Positions, tokens and the entries of a
+    repeated unit (flattened conv features) all count as samples."""
+    t = t.movedim(site.dim, -1)[..., site.offset : site.offset + width * site.repeat]
+    t = t.unflatten(-1, (width, site.repeat)).transpose(-1, -2)
+    return t.reshape(-1, width)
+
+
+@contextmanager
+def tapped(model: nn.Module, nodes: list[str]) -> Iterator[nn.Module]:
+    """A traced copy of ``model`` (eval mode) whose forward returns ``(output, {node: tensor})``."""
+    gm = trace_graph(copy.deepcopy(model).eval())
+    by_name = {n.name: n for n in gm.graph.nodes}
+    missing = [n for n in nodes if n not in by_name]
+    if missing:
+        raise KeyError(f"graph has no nodes {missing[:5]}; was the spec built from this architecture?")
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    out.args = ((out.args[0], {name: by_name[name] for name in nodes}),)
+    gm.recompile()
+    try:
+        yield gm
+    finally:
+        del gm
+
+
+def collect_moments(
+    models: list[nn.Module],
+    spec: PermutationSpec,
+    batches: Iterable[torch.Tensor],
+    *,
+    groups: list[Group] | None = None,
+    progress: bool = True,
+) -> dict[str, Moments]:
+    """Moments of the stacked units ``[model 0 units | model 1 units | ...]`` of every group.
+
+    For group g of width d and n models, z has n*d entries, so the result holds the correlations
+    within each model and across models (what activation matching and ZipIt! need). The models are
+    not modified.
+    """
+    groups = list(spec.groups if groups is None else groups)
+    nodes = sorted({s.node for g in groups for s in g.sites})
+    moments = {g.name: Moments.zeros(len(models) * g.width) for g in groups}
+    with ExitStack() as stack, torch.no_grad():
+        runs = [stack.enter_context(tapped(m, nodes)) for m in models]
+        for x in tqdm(batches, desc="activation statistics", disable=not progress, leave=False):
+            taps = [run(x)[1] for run in runs]
+            for g in groups:
+                for site in g.sites:
+                    z = torch.cat([site_samples(t[site.node], site, g.width) for t in taps], dim=1)
+                    moments[g.name].update(z)
+    return moments

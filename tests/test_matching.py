@@ -1,0 +1,234 @@
+"""Linear assignment and Git Re-Basin weight matching (pleas.matching)."""
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import pleas
+from pleas.errors import MergeInputError
+from pleas.matching import Matching, linear_assignment, unit_cosine_similarity, weight_matching
+from pleas.spec import Group
+from toy_models import MLP, VGGBN, Mixed, randomise_norm_stats
+
+
+def objective(sim, perm):
+    return float(sim[torch.arange(len(perm)), perm].sum())
+
+
+# ----------------------------------------------------------------------------------------------------
+# linear_assignment
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_linear_assignment_recovers_planted_permutation_from_noisy_similarity():
+    gen = torch.Generator().manual_seed(0)
+    d = 60
+    planted = torch.randperm(d, generator=gen)
+    sim = 0.3 * torch.randn(d, d, generator=gen, dtype=torch.float64)
+    sim[torch.arange(d), planted] += 1.0
+    perm = linear_assignment(sim)
+    assert perm.dtype == torch.long and perm.shape == (d,)
+    assert torch.equal(perm, planted)
+
+
+def test_linear_assignment_is_optimal_by_brute_force():
+    sim = torch.randn(6, 6, generator=torch.Generator().manual_seed(1))
+    best = max(objective(sim, torch.tensor(p)) for p in itertools.permutations(range(6)))
+    assert objective(sim, linear_assignment(sim)) == pytest.approx(best, abs=1e-9)
+
+
+def _is_block_respecting(perm, block):
+    tiles = perm.view(-1, block) // block
+    return bool((tiles == tiles[:, :1]).all()) and len(set(tiles[:, 0].tolist())) == len(tiles)
+
+
+def test_block_assignment_maps_blocks_onto_blocks_and_beats_random_block_permutations():
+    gen = torch.Generator().manual_seed(2)
+    d, block = 32, 4
+    sim = torch.randn(d, d, generator=gen, dtype=torch.float64)
+    perm = linear_assignment(sim, block=block)
+    assert sorted(perm.tolist()) == list(range(d))
+    assert _is_block_respecting(perm, block)
+    group = Group("g", d, block=block)
+    best_random = max(objective(sim, group.random_permutation(gen)) for _ in range(300))
+    assert objective(sim, perm) >= best_random - 1e-12
+    # The unconstrained optimum is at least as good, and here strictly better (the constraint binds).
+    free = linear_assignment(sim)
+    assert not _is_block_respecting(free, block)
+    assert objective(sim, free) > objective(sim, perm)
+
+
+def test_block_assignment_is_optimal_among_block_permutations_by_brute_force():
+    sim = torch.randn(6, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    best = max(
+        objective(sim, torch.tensor(p))
+        for p in itertools.permutations(range(6))
+        if _is_block_respecting(torch.tensor(p), 2)
+    )
+    perm = linear_assignment(sim, block=2)
+    assert _is_block_respecting(perm, 2)
+    assert objective(sim, perm) == pytest.approx(best, abs=1e-12)
+
+
+def test_block_assignment_recovers_planted_block_permutation():
+    gen = torch.Generator().manual_seed(4)
+    d = 24
+    planted = Group("g", d, block=8).random_permutation(gen)
+    sim = 0.3 * torch.randn(d, d, generator=gen)
+    sim[torch.arange(d), planted] += 1.0
+    assert torch.equal(linear_assignment(sim, block=8), planted)
+
+
+@pytest.mark.parametrize(
+    "sim, block, match",
+    [
+        (torch.zeros(3, 4), 1, "square"),
+        (torch.zeros(4), 1, "square"),
+        (torch.tensor([[0.0, float("nan")], [1.0, 0.0]]), 1, "non-finite"),
+        (torch.tensor([[0.0, float("inf")], [1.0, 0.0]]), 1, "non-finite"),
+        (torch.zeros(6, 6), 4, "does not divide"),
+        (torch.zeros(6, 6), 0, "positive"),
+    ],
+)
+def test_linear_assignment_rejects_bad_input(sim, block, match):
+    with pytest.raises(MergeInputError, match=match):
+        linear_assignment(sim, block=block)
+
+
+# ----------------------------------------------------------------------------------------------------
+# weight_matching
+# ----------------------------------------------------------------------------------------------------
+
+
+class ResLinear(nn.Module):
+    """Residual d->d Linears: their weights have both axes in the one residual group."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.inp = nn.Linear(10, d)
+        self.l1 = nn.Linear(d, d)
+        self.l2 = nn.Linear(d, d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = h + self.l1(h)
+        h = h + torch.relu(self.l2(h))
+        return self.head(h)
+
+
+def _resnet18():
+    torchvision = pytest.importorskip("torchvision")
+    return torchvision.models.resnet18(weights=None)
+
+
+CASES = {
+    "mlp_20_64_64_64_5": (lambda: MLP(d_in=20, hidden=64, d_out=5, depth=3), (2, 20)),
+    "vgg_bn_flatten_repeat": (lambda: VGGBN(), (2, 3, 16, 16)),
+    "mixed_groupnorm_block": (lambda: Mixed(), (2, 3, 8, 8)),
+    "residual_square_linear": (lambda: ResLinear(), (2, 10)),
+    "resnet18": (_resnet18, (2, 3, 32, 32)),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def planted(request):
+    factory, shape = CASES[request.param]
+    torch.manual_seed(0)
+    model = randomise_norm_stats(factory()).eval()
+    spec = pleas.build_spec(model, torch.randn(*shape))
+    sd_a = model.state_dict()
+    planted_perms = spec.random_permutations(seed=7)
+    assert any(not torch.equal(p, torch.arange(len(p))) for p in planted_perms.values())
+    sd_b = pleas.permute_state_dict(sd_a, spec, planted_perms)
+    return request.param, spec, sd_a, sd_b, planted_perms, weight_matching(spec, sd_a, sd_b, seed=0)
+
+
+def test_weight_matching_recovers_planted_permutations_exactly(planted):
+    name, spec, sd_a, sd_b, planted_perms, found = planted
+    assert isinstance(found, Matching) and found.converged
+    assert set(found.perms) == {g.name for g in spec}
+    for g in spec:
+        # B's unit j is A's unit P[j], so A's unit i is B's unit argsort(P)[i].
+        assert found.perms[g.name].dtype == torch.long
+        assert torch.equal(found.perms[g.name], torch.argsort(planted_perms[g.name])), (name, g.name)
+    if name == "mixed_groupnorm_block":
+        assert any(g.block > 1 for g in spec)
+    if name == "vgg_bn_flatten_repeat":
+        assert any(m.repeat > 1 for g in spec for m in g.members)
+    if name == "residual_square_linear":
+        assert any(len({m.axis for m in g.members if m.param == "l1.weight"}) == 2 for g in spec)
+
+
+def test_aligning_b_with_found_perms_gives_back_a(planted):
+    _, spec, sd_a, sd_b, _, found = planted
+    aligned = pleas.permute_state_dict(sd_b, spec, found.perms)
+    assert list(aligned) == list(sd_a)
+    for key in sd_a:
+        assert torch.equal(aligned[key], sd_a[key]), key
+    assert all(torch.equal(found.align(spec, sd_b)[k], sd_a[k]) for k in sd_a)
+
+
+def test_planted_match_similarities_are_one(planted):
+    _, spec, _, _, _, found = planted
+    for g in spec:
+        s = found.similarity[g.name]
+        assert s.dtype == torch.float64 and s.shape == (g.width,)
+        assert torch.allclose(s, torch.ones_like(s), atol=1e-9), g.name
+
+
+def _objective(spec, sd_a, sd_b, perms):
+    aligned = pleas.permute_state_dict(sd_b, spec, perms)
+    return sum(float((sd_a[p].double() * aligned[p].double()).sum()) for p in spec.params)
+
+
+def test_weight_matching_of_independent_models_improves_alignment_and_is_deterministic():
+    torch.manual_seed(1)
+    model_a, model_b = MLP(hidden=48), MLP(hidden=48)
+    spec = pleas.build_spec(model_a, torch.randn(2, 20))
+    sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
+    first = weight_matching(spec, sd_a, sd_b, seed=3)
+    again = weight_matching(spec, sd_a, sd_b, seed=3)
+    for g in spec:
+        p = first.perms[g.name]
+        assert sorted(p.tolist()) == list(range(g.width))
+        assert torch.equal(p, again.perms[g.name])
+        assert torch.equal(first.similarity[g.name], again.similarity[g.name])
+        s = first.similarity[g.name]
+        assert bool((s <= 1 + 1e-12).all() and (s >= -1 - 1e-12).all()) and float(s.max()) < 0.99
+    identity = {g.name: torch.arange(g.width) for g in spec}
+    assert _objective(spec, sd_a, sd_b, first.perms) > _objective(spec, sd_a, sd_b, identity) + 1e-3
+    # The reported similarity is the cosine of the aligned pair, as unit_cosine_similarity computes it.
+    recomputed = unit_cosine_similarity(spec, sd_a, sd_b, first.perms)
+    assert all(torch.allclose(recomputed[g], first.similarity[g]) for g in recomputed)
+
+
+def test_weight_matching_tolerates_noise_on_planted_permutation():
+    torch.manual_seed(2)
+    model = MLP(hidden=64)
+    spec = pleas.build_spec(model, torch.randn(2, 20))
+    sd_a = model.state_dict()
+    perms = spec.random_permutations(seed=5)
+    gen = torch.Generator().manual_seed(0)
+    sd_b = {
+        k: v + 0.3 * v.std() * torch.randn(v.shape, generator=gen)
+        for k, v in pleas.permute_state_dict(sd_a, spec, perms).items()
+    }
+    found = weight_matching(spec, sd_a, sd_b)
+    for g in spec:
+        assert torch.equal(found.perms[g.name], torch.argsort(perms[g.name]))
+        assert 0.8 < float(found.similarity[g.name].min()) < 1.0
+
+
+def test_weight_matching_rejects_mismatched_state_dicts():
+    torch.manual_seed(0)
+    model = MLP()
+    spec = pleas.build_spec(model, torch.randn(2, 20))
+    sd_a = model.state_dict()
+    sd_b = dict(sd_a)
+    sd_b["head.weight"] = torch.zeros(5, 33)
+    with pytest.raises(pleas.PleasError, match="head.weight"):
+        weight_matching(spec, sd_a, sd_b)
+    with pytest.raises(MergeInputError, match="max_iter"):
+        weight_matching(spec, sd_a, sd_a, max_iter=0)

@@ -1,0 +1,181 @@
+"""Invariants of partial merging: the ensemble is exact, statistics are additive, a model merged with
+a permuted copy of itself comes back, and bad input is refused clearly."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import pleas
+from conftest import assert_close
+from pleas.calibration import Calibration
+from pleas.stats import collect_moments
+from toy_models import MLP, VGGBN, randomise_norm_stats
+
+
+def _pair(factory, seed_a=0, seed_b=1):
+    torch.manual_seed(seed_a)
+    a = randomise_norm_stats(factory(), seed_a)
+    torch.manual_seed(seed_b)
+    b = randomise_norm_stats(factory(), seed_b)
+    return a, b
+
+
+def _resnet18():
+    torchvision = pytest.importorskip("torchvision")
+    return torchvision.models.resnet18(num_classes=10)
+
+
+@pytest.mark.parametrize("factory,shape", [(_resnet18, (16, 3, 32, 32)), (VGGBN, (16, 3, 16, 16))])
+def test_ensemble_shared_heads_is_the_average(factory, shape):
+    a, b = _pair(factory)
+    x = torch.randn(*shape)
+    merged = pleas.merge(a, b, x, method="ensemble", budget=2.0, progress=False).model
+    with torch.no_grad():
+        assert_close(merged(x), (a(x) + b(x)) / 2)
+
+
+@pytest.mark.parametrize("factory,shape", [(_resnet18, (16, 3, 32, 32)), (VGGBN, (16, 3, 16, 16))])
+def test_ensemble_separate_heads_is_both_models(factory, shape):
+    a, b = _pair(factory)
+    x = torch.randn(*shape)
+    result = pleas.merge(a, b, x, method="ensemble", budget=2.0, heads="separate", progress=False)
+    with torch.no_grad():
+        out_a, out_b = result.model(x)
+        assert_close(out_a, a(x))
+        assert_close(out_b, b(x))
+
+
+def test_statistics_in_two_halves_sum_to_one_pass():
+    a, b = _pair(VGGBN)
+    x = torch.randn(24, 3, 16, 16)
+    spec = pleas.build_spec(a, x[:2])
+    # Same batches either way (a forward pass's float32 round-off depends on the batch it is in).
+    whole = collect_moments([a, b], spec, Calibration(x, batch_size=8), progress=False)
+    first = collect_moments([a, b], spec, Calibration(x[:16], batch_size=8), progress=False)
+    second = collect_moments([a, b], spec, Calibration(x[16:], batch_size=8), progress=False)
+    for g in spec:
+        both = first[g.name] + second[g.name]
+        assert both.count == whole[g.name].count > 0
+        assert both.sum.shape == (2 * g.width,) and both.outer.shape == (2 * g.width, 2 * g.width)
+        torch.testing.assert_close(both.sum, whole[g.name].sum, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(both.outer, whole[g.name].outer, rtol=1e-12, atol=1e-12)
+    # and one half alone is not the whole: the test can fail
+    assert not torch.allclose(first["features.0"].sum, whole["features.0"].sum)
+
+
+def test_flattened_units_count_positions_as_samples():
+    a, b = _pair(VGGBN)
+    x = torch.randn(8, 3, 16, 16)
+    spec = pleas.build_spec(a, x[:2])
+    moments = collect_moments([a, b], spec, Calibration(x), progress=False)
+    assert moments["features.7"].count == 8 * 4 * 4  # read by the Linear after flatten: 16 entries per unit
+    assert moments["features.0"].count == 8 * 16 * 16
+
+
+@pytest.mark.parametrize("matching", ["activation", "weight"])
+@pytest.mark.parametrize("factory,shape", [(MLP, (64, 20)), (VGGBN, (32, 3, 16, 16))])
+def test_rebasin_with_permuted_self_returns_the_model(factory, shape, matching):
+    torch.manual_seed(0)
+    a = randomise_norm_stats(factory())
+    x = torch.randn(*shape)
+    spec = pleas.build_spec(a, x[:2])
+    b = pleas.build_model(a, pleas.permute_state_dict(a.state_dict(), spec, spec.random_permutations(5)))
+    merged = pleas.merge(a, b, x, method="rebasin", matching=matching, reset_norms=False, progress=False).model
+    with torch.no_grad():
+        assert_close(merged(x), a(x))
+
+
+def test_average_is_plain_weight_averaging():
+    a, b = _pair(MLP)
+    merged = pleas.merge(a, b, torch.randn(8, 20), method="average", progress=False).model
+    for k, t in merged.state_dict().items():
+        torch.testing.assert_close(t, (a.state_dict()[k] + b.state_dict()[k]) / 2)
+
+
+def test_callers_models_are_untouched():
+    a, b = _pair(VGGBN)
+    a.train()
+    before = [copy.deepcopy(m.state_dict()) for m in (a, b)]
+    pleas.merge(a, b, torch.randn(8, 3, 16, 16), method="rebasin", progress=False)
+    assert a.training
+    for m, sd in zip((a, b), before):
+        assert all(torch.equal(sd[k], v) for k, v in m.state_dict().items())
+
+
+def test_different_shapes_are_refused():
+    a, b = MLP(hidden=32), MLP(hidden=16)
+    with pytest.raises(pleas.MergeInputError, match=r"different architectures: body.0.weight has shape"):
+        pleas.merge(a, b, torch.randn(8, 20), method="average")
+
+
+def test_different_graphs_are_refused():
+    class Other(MLP):
+        def forward(self, x):
+            return self.head(self.body(x.flatten(1)) * 2 + 1)
+
+    torch.manual_seed(0)
+    with pytest.raises(pleas.MergeInputError, match="different graphs"):
+        pleas.merge(MLP(), Other(), torch.randn(8, 20), method="average")
+
+
+def test_different_tensor_names_are_refused():
+    a = MLP()
+    b = nn.Sequential(nn.Linear(20, 5))
+    with pytest.raises(pleas.MergeInputError, match="different architectures"):
+        pleas.merge(a, b, torch.randn(8, 20), method="average")
+
+
+def test_nan_weights_are_refused():
+    a, b = _pair(MLP)
+    with torch.no_grad():
+        b.body[2].weight[0, 0] = float("nan")
+    with pytest.raises(pleas.MergeInputError, match=r"model_b has NaN.*body.2.weight"):
+        pleas.merge(a, b, torch.randn(8, 20), method="average")
+
+
+@pytest.mark.parametrize(
+    "data,match",
+    [
+        (torch.randn(0, 20), "holds no samples"),
+        ([], "empty"),
+        (torch.randn(8, 7), r"shape \(8, 7\) do not fit model_a"),
+        ("mnist.npy", "not supported"),
+        (torch.full((4, 20), float("nan")), "NaN"),
+    ],
+)
+def test_bad_calibration_data_is_refused(data, match):
+    a, b = _pair(MLP)
+    with pytest.raises(pleas.MergeInputError, match=match):
+        pleas.merge(a, b, data, method="average")
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"budget": 2.5}, r"budget=2.5 is out of range; allowed: a number in \[1, 2\]"),
+        ({"budget": 1.5, "method": "rebasin"}, "makes models of size 1x to 1x"),
+        ({"method": "nope"}, r"unknown method 'nope'; known methods: \["),
+        ({"heads": "both"}, "heads='both'; allowed"),
+        ({"matching": "magic"}, "matching='magic'; allowed"),
+    ],
+)
+def test_bad_options_are_refused(kwargs, match):
+    a, b = _pair(MLP)
+    kwargs = {"method": "average", **kwargs}
+    with pytest.raises(pleas.MergeInputError, match=match):
+        pleas.merge(a, b, torch.randn(8, 20), **kwargs)
+
+
+def test_data_forms_are_equivalent():
+    a, b = _pair(VGGBN)
+    x = torch.randn(16, 3, 16, 16)
+    y = torch.zeros(16, dtype=torch.long)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    outs = []
+    for data in (x, loader, [x[:8], x[8:]], ((x[i : i + 8], y[i : i + 8]) for i in (0, 8))):
+        merged = pleas.merge(a, b, data, method="rebasin", progress=False).model
+        with torch.no_grad():
+            outs.append(merged(x))
+    for o in outs[1:]:
+        torch.testing.assert_close(o, outs[0])
