@@ -30,7 +30,7 @@ def _resnet18():
 def test_ensemble_shared_heads_is_the_average(factory, shape):
     a, b = _pair(factory)
     x = torch.randn(*shape)
-    merged = pleas.merge(a, b, x, method="ensemble", budget=2.0, progress=False).model
+    merged = pleas.merge(a, b, x, method="ensemble", progress=False).model
     with torch.no_grad():
         assert_close(merged(x), (a(x) + b(x)) / 2)
 
@@ -39,7 +39,7 @@ def test_ensemble_shared_heads_is_the_average(factory, shape):
 def test_ensemble_separate_heads_is_both_models(factory, shape):
     a, b = _pair(factory)
     x = torch.randn(*shape)
-    result = pleas.merge(a, b, x, method="ensemble", budget=2.0, heads="separate", progress=False)
+    result = pleas.merge(a, b, x, method="ensemble", heads="separate", progress=False)
     with torch.no_grad():
         out_a, out_b = result.model(x)
         assert_close(out_a, a(x))
@@ -153,8 +153,9 @@ def test_bad_calibration_data_is_refused(data, match):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"budget": 2.5}, r"budget=2.5 is out of range; allowed: a number in \[1, 2\]"),
-        ({"budget": 1.5, "method": "rebasin"}, "makes models of size 1x to 1x"),
+        ({"budget": 0.5}, r"budget=0.5 is out of range; allowed: a number >= 1"),
+        ({"budget": 9.0, "method": "zipit"}, r"budget=9 is out of range; reachable for this model: \[1, \d\.\d+\]"),
+        ({"budget": 1.5, "method": "rebasin"}, "makes models of size at most 1x"),
         ({"method": "nope"}, r"unknown method 'nope'; known methods: \["),
         ({"heads": "both"}, "heads='both'; allowed"),
         ({"matching": "magic"}, "matching='magic'; allowed"),
@@ -174,8 +175,75 @@ def test_data_forms_are_equivalent():
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
     outs = []
     for data in (x, loader, [x[:8], x[8:]], ((x[i : i + 8], y[i : i + 8]) for i in (0, 8))):
-        merged = pleas.merge(a, b, data, method="rebasin", progress=False).model
+        merged = pleas.merge(a, b, data, method="rebasin", batch_size=8, progress=False).model
         with torch.no_grad():
             outs.append(merged(x))
     for o in outs[1:]:
         torch.testing.assert_close(o, outs[0])
+
+
+@pytest.mark.parametrize("factory,shape", [(MLP, (256, 20)), (_resnet18, (128, 3, 64, 64))])
+def test_activation_matching_recovers_planted_permutations(factory, shape):
+    from pleas.matching import activation_matching
+
+    torch.manual_seed(0)
+    a = randomise_norm_stats(factory())
+    x = torch.randn(*shape)
+    spec = pleas.build_spec(a, x[:2])
+    planted = spec.random_permutations(seed=7)
+    b = pleas.build_model(a, pleas.permute_state_dict(a.state_dict(), spec, planted)).eval()
+    moments = collect_moments([a, b], spec, Calibration(x, batch_size=16), progress=False)
+    found = activation_matching(spec, moments)
+    for g in spec:
+        # Units that never vary (dead ReLUs) carry no signal and are interchangeable; all others must match.
+        d = g.width
+        cov_a = moments[g.name].covariance().diagonal()[:d]
+        live = cov_a > 1e-12
+        assert live.float().mean() > 0.5, g.name
+        expected = torch.argsort(planted[g.name])
+        assert torch.equal(found.perms[g.name][live], expected[live]), g.name
+        assert float(found.similarity[g.name][live].min()) > 0.999
+
+
+def test_zipit_with_permuted_self_returns_the_model():
+    torch.manual_seed(0)
+    a = MLP().eval()
+    x = torch.randn(256, 20)
+    spec = pleas.build_spec(a, x[:2])
+    b = pleas.build_model(a, pleas.permute_state_dict(a.state_dict(), spec, spec.random_permutations(3)))
+    merged = pleas.merge(a, b, x, method="zipit", alpha=0.0, progress=False).model
+    with torch.no_grad():
+        assert_close(merged(x), a(x))
+
+
+@pytest.mark.parametrize("budget", [1.0, 1.3, 1.6, 2.0])
+def test_zipit_partial_zipping_meets_the_budget(budget):
+    a, b = _pair(VGGBN)
+    x = torch.randn(32, 3, 16, 16)
+    result = pleas.merge(a, b, x, method="zipit", budget=budget, progress=False)
+    size = result.report["size"]
+    assert size["relative_dense"] <= budget + 1e-9
+    assert size["merged_params"] == round(size["relative_dense"] * size["source_params"])
+    zipped = [g["merged_width"] == g["width"] for g in result.report["groups"]]
+    assert zipped == sorted(zipped, reverse=True)  # a prefix of the groups is zipped
+    with torch.no_grad():
+        assert result.model(x).shape == (32, 10)
+
+
+def test_zipit_at_full_size_is_the_ensemble():
+    a, b = _pair(VGGBN)
+    x = torch.randn(16, 3, 16, 16)
+    full = pleas.merge(a, b, x, method="ensemble", progress=False).report["size"]["relative_dense"]
+    assert full > 2.0  # dense layers hold the zero cross blocks
+    merged = pleas.merge(a, b, x, method="zipit", budget=full, reset_norms=False, progress=False).model
+    with torch.no_grad():
+        assert_close(merged(x), (a(x) + b(x)) / 2)
+
+
+def test_rebasin_separate_heads_answers_both_tasks():
+    a, b = _pair(VGGBN)
+    x = torch.randn(16, 3, 16, 16)
+    result = pleas.merge(a, b, x, method="rebasin", heads="separate", progress=False)
+    out_a, out_b = result.model(x)
+    assert out_a.shape == out_b.shape == (16, 10)
+    assert result.report["size"]["relative_dense"] == 1.0

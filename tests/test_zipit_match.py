@@ -65,7 +65,8 @@ def test_same_model_merges_happen_when_allowed():
     check_map(gm, 2 * d, d)
     cs = clusters(gm)
     for k in range(d // 2):
-        assert (2 * k, 2 * k + 1) in cs  # A's duplicated features were zipped together
+        # A's duplicated features were zipped together (complete linkage may add a B unit afterwards)
+        assert any({2 * k, 2 * k + 1} <= set(c) for c in cs), cs
 
 
 @pytest.mark.parametrize("alpha, beta", [(0.0, 1.0), (1.0, 0.0)])

@@ -55,9 +55,11 @@ def merge(
         data: calibration inputs: a tensor (N, ...), a DataLoader, or an iterable of tensors or
             (inputs, labels) pairs.
         method: a registered method name (see ``pleas.methods.METHODS``).
-        budget: merged size relative to one source model, in [1, 2], counted in floating-point
-            entries of the returned model's state dict (with separate heads, the second head is
-            not counted).
+        budget: merged size relative to one source model, counted in floating-point entries of the
+            returned (dense) model's state dict, from 1 up to the dense size of the two models side
+            by side, which exceeds 2 because dense layers hold the zero cross blocks (the report
+            also gives the effective size without them). With separate heads the second head is
+            not counted. Ignored by ``ensemble``, whose size is fixed.
         heads: ``"shared"`` (one label space; outputs are merged) or ``"separate"`` (each source keeps
             its head; the merged forward returns a tuple).
         matching: ``"activation"`` (correlation of activations) or ``"weight"`` (Git Re-Basin).
@@ -66,16 +68,16 @@ def merge(
     """
     start = time.perf_counter()
     algo = get_method(method, **options)
-    if not isinstance(budget, (int, float)) or not 1.0 <= float(budget) <= 2.0:
-        raise MergeInputError(f"budget={budget!r} is out of range; allowed: a number in [1, 2] (1x to 2x)")
-    if not algo.min_budget <= budget <= algo.max_budget:
-        raise MergeInputError(
-            f"method {method!r} makes models of size {algo.min_budget:g}x to {algo.max_budget:g}x; got budget={budget}"
-        )
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 1.0:
+        raise MergeInputError(f"budget={budget!r} is out of range; allowed: a number >= 1 (1x = one source model)")
+    if algo.max_budget is not None and budget > algo.max_budget:
+        raise MergeInputError(f"method {method!r} makes models of size at most {algo.max_budget:g}x; got budget={budget}")
     job = MergeJob.create(
         model_a, model_b, data, budget=budget, heads=heads, matching=matching, seed=seed, device=device,
         dtype=dtype, batch_size=batch_size, reset_norms=reset_norms, progress=progress,
     )
+    if algo.uses_budget:
+        job.check_budget()
     t_setup = time.perf_counter()
     maps = algo.plan(job)
     t_plan = time.perf_counter()

@@ -80,6 +80,8 @@ class MergeJob:
         spec_b = build_spec(models[1], example[:2])
         if spec.to_dict() != spec_b.to_dict():
             raise MergeInputError("model_a and model_b have the same tensors but different graphs (forward differs)")
+        if heads == "separate" and not spec.outputs:
+            raise MergeInputError("heads='separate' needs an output layer of its own (e.g. a Linear classifier)")
         return cls(models, spec, calib, float(budget), heads, matching, seed, reset_norms, progress)
 
     # --- cached statistics -----------------------------------------------------------------
@@ -130,6 +132,18 @@ class MergeJob:
         """Size of one source model, plus the other sources' own heads when heads are separate, so
         that ``budget`` measures the shared body."""
         return self.size({g.name: g.width for g in self.spec})
+
+    def max_budget(self) -> float:
+        """The largest reachable size: every unit of every model kept (dense, zero blocks included)."""
+        return self.size({g.name: len(self.models) * g.width for g in self.spec}) / self.base_size()
+
+    def check_budget(self) -> None:
+        top = self.max_budget()
+        if self.budget > top * (1 + 1e-9):
+            raise MergeInputError(
+                f"budget={self.budget:g} is out of range; reachable for this model: [1, {top:.4f}] "
+                "(dense size of the two models side by side)"
+            )
 
     def build(self, maps: dict[str, GroupMap]) -> nn.Module:
         spec = self.build_spec

@@ -16,7 +16,6 @@ tensor along a member gives a (d, everything else) matrix whose row i gathers al
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +26,7 @@ from .errors import MergeInputError, SpecError
 from .spec import Group, Member, PermutationSpec
 from .transform import permute_state_dict
 
-__all__ = ["Matching", "linear_assignment", "unit_cosine_similarity", "weight_matching"]
+__all__ = ["Matching", "activation_matching", "linear_assignment", "unit_cosine_similarity", "weight_matching"]
 
 
 @dataclass
@@ -307,6 +306,16 @@ def weight_matching(
             raise SpecError(f"group {g.name!r} has block={g.block}, which does not divide its width {g.width}")
     perms = {g.name: torch.arange(g.width) for g in spec}
     quads = {g.name: _self_axes(spec, g) for g in spec}
+    # S_g depends only on the perms of the groups that share a tensor with g (and on pi_g itself when g
+    # meets a tensor on two axes): while none of them changed since g was last solved, solving g again
+    # would give the same answer, so it is skipped. This changes the work, never the result.
+    readers: dict[str, set[str]] = {g.name: set() for g in spec}
+    for g in spec:
+        for m in g.members:
+            for h, _ in spec.members_of(m.param):
+                if h.name != g.name or quads[g.name]:
+                    readers[h.name].add(g.name)
+    stale = {g.name for g in spec}
     groups = list(spec)
     gen = torch.Generator().manual_seed(seed)
     sweeps, converged = 0, False
@@ -315,8 +324,9 @@ def weight_matching(
         improved = False
         for k in torch.randperm(len(groups), generator=gen).tolist():
             g = groups[k]
-            if g.width < 2 or not g.members:
+            if g.width < 2 or not g.members or g.name not in stale:
                 continue
+            stale.discard(g.name)
             quad = quads[g.name]
             s_lin, s_quad = _group_terms(spec, g, a, b, perms, quad)
             cand = linear_assignment(s_lin + s_quad, block=g.block)
@@ -335,7 +345,49 @@ def weight_matching(
             if gain > 1e-12 * scale:
                 perms[g.name] = cand
                 improved = True
+                stale |= readers[g.name]
         if not improved:
             converged = True
             break
     return Matching(perms=perms, similarity=_cosine(spec, a, b, perms), sweeps=sweeps, converged=converged)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Activation matching
+# ----------------------------------------------------------------------------------------------------
+
+
+def activation_matching(spec: PermutationSpec, moments: dict) -> Matching:
+    """Match B's units to A's by the Pearson correlation of their activations (ALGORITHM.md section 2).
+
+    Args:
+        spec: the permutation groups.
+        moments: per group name, the streamed statistics of the stacked units ``[A's d | B's d]`` over all
+            calibration batches: an object with ``.correlation()`` returning (2d, 2d) (such as
+            ``pleas.stats.Moments``) or that (2d, 2d) correlation matrix itself.
+
+    For group g, S_g = corr[:d, d:] (A's unit i vs B's unit j), pi_g = ``linear_assignment(S_g,
+    block=g.block)`` and ``similarity[g][i] = S_g[i, pi_g(i)]`` (float64). ``sweeps`` is 0.
+    """
+    perms, sims = {}, {}
+    for g in spec:
+        if g.name not in moments:
+            raise MergeInputError(f"no activation statistics for group {g.name!r}")
+        stat = moments[g.name]
+        if getattr(stat, "count", 1) == 0:
+            raise MergeInputError(f"activation statistics of group {g.name!r} hold no samples (does it have sites?)")
+        corr = stat.correlation() if hasattr(stat, "correlation") else torch.as_tensor(stat)
+        corr = corr.detach().to(device="cpu", dtype=torch.float64)
+        d = g.width
+        if corr.shape != (2 * d, 2 * d):
+            raise MergeInputError(
+                f"correlation of group {g.name!r} has shape {tuple(corr.shape)}; two models of width {d} "
+                f"need ({2 * d}, {2 * d})"
+            )
+        s = corr[:d, d:]
+        if not torch.isfinite(s).all():
+            raise MergeInputError(f"correlation of group {g.name!r} has non-finite entries")
+        perm = linear_assignment(s, block=g.block)
+        perms[g.name] = perm
+        sims[g.name] = s[torch.arange(d), perm].clone()
+    return Matching(perms=perms, similarity=sims, sweeps=0, converged=True)

@@ -40,7 +40,8 @@ def zip_units(
             (corr + corr^T) / 2; the diagonal is ignored. Must be finite.
         n_models: n, the number of stacked models.
         target: m in [1, n*d], the number of units after merging. ``target == n*d`` gives the identity.
-        alpha: factor applied to the correlation of two units of the same model (a same-model merge).
+        alpha: factor applied to the correlation of two units of the same model (a same-model merge);
+            it scales the value, so alpha < 1 pulls it toward 0 (a penalty for positive correlations).
             ``alpha=0`` forbids same-model merges altogether (a pure cross-model matching).
         beta: each model may take part in at most ``floor(beta * (n*d - target) / n)`` same-model merges
             (a merge of two clusters that both hold units of model k counts once for model k);

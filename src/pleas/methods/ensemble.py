@@ -6,7 +6,7 @@ from .registry import MergeMethod, register_method
 @register_method
 class Ensemble(MergeMethod):
     name = "ensemble"
-    min_budget = max_budget = 2.0
+    uses_budget = False
 
     def plan(self, job):
         return {g.name: ensemble_map(g.width, len(job.models)) for g in job.spec}

@@ -19,13 +19,15 @@ METHODS: dict[str, type["MergeMethod"]] = {}
 class MergeMethod(ABC):
     """A merging method: ``plan`` chooses every group's map; ``finish`` post-processes the built model.
 
-    ``min_budget``/``max_budget`` bound the sizes the method can produce (relative to one model).
+    ``max_budget`` bounds the sizes the method can produce (relative to one model; None: no bound
+    of its own beyond the architecture's reachable range). ``uses_budget`` is False for methods of
+    a fixed size.
     Variants are configured instances (options go to ``__init__``), not copies of the class.
     """
 
     name = ""
-    min_budget = 1.0
-    max_budget = 2.0
+    max_budget: float | None = None
+    uses_budget = True
 
     def __init__(self, **options):
         if options:
