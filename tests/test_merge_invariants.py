@@ -155,7 +155,7 @@ def test_bad_calibration_data_is_refused(data, match):
     [
         ({"budget": 0.5}, r"budget=0.5 is out of range; allowed: a number >= 1"),
         ({"budget": 9.0, "method": "zipit"}, r"budget=9 is out of range; reachable for this model: \[1, \d\.\d+\]"),
-        ({"budget": 1.5, "method": "rebasin"}, "makes models of size at most 1x"),
+        ({"budget": 1.5, "method": "average"}, "makes models of size at most 1x"),
         ({"method": "nope"}, r"unknown method 'nope'; known methods: \["),
         ({"heads": "both"}, "heads='both'; allowed"),
         ({"matching": "magic"}, "matching='magic'; allowed"),
@@ -247,3 +247,43 @@ def test_rebasin_separate_heads_answers_both_tasks():
     out_a, out_b = result.model(x)
     assert out_a.shape == out_b.shape == (16, 10)
     assert result.report["size"]["relative_dense"] == 1.0
+
+
+@pytest.mark.parametrize("budget", [1.2, 1.5])
+def test_partial_rebasin_meets_the_budget_with_one_fraction(budget):
+    a, b = _pair(VGGBN)
+    x = torch.randn(32, 3, 16, 16)
+    result = pleas.merge(a, b, x, method="rebasin", budget=budget, progress=False)
+    rel = result.report["size"]["relative_dense"]
+    assert budget - 0.15 < rel <= budget + 1e-9
+    fractions = [result.merge_counts[g.name] / g.width for g in result.spec]
+    assert max(fractions) - min(fractions) <= 0.5 / min(g.width for g in result.spec) * 2 + 1e-9
+    assert all(result.widths[g.name] == 2 * g.width - result.merge_counts[g.name] for g in result.spec)
+
+
+def test_explicit_merge_counts_give_the_pleas_layout():
+    a, b = _pair(VGGBN)
+    x = torch.randn(16, 3, 16, 16)
+    counts = {"features.0": 3, "features.3": 8, "features.7": 0, "classifier.1": 32}
+    result = pleas.merge(a, b, x, method="rebasin", merge_counts=counts, budget=2.0, reset_norms=False, progress=False)
+    assert result.merge_counts == counts
+    w = result.model.state_dict()["features.3.weight"]  # out: features.3 (8 merged), in: features.0 (3 merged)
+    assert w.shape[:2] == (8, 13)
+    w7 = result.model.state_dict()["features.7.weight"]  # out: 32 kept (16 A-only, 16 B-only); in: 8 merged
+    assert w7.shape[:2] == (32, 8)
+    with pytest.raises(pleas.MergeInputError, match="merge_counts names unknown groups"):
+        pleas.merge(a, b, x, method="rebasin", merge_counts={"nope": 1}, budget=2.0, progress=False)
+
+
+def test_zero_blocks_keep_a_only_units_from_reading_b_only_units():
+    a, b = _pair(MLP)
+    x = torch.randn(64, 20)
+    counts = {"body.0": 10, "body.2": 12, "body.4": 32}
+    w = pleas.merge(a, b, x, method="rebasin", merge_counts=counts, budget=2.0, progress=False).model.state_dict()["body.2.weight"]
+    d_in, k_in, d_out, k_out = 32, 10, 32, 12
+    a_rows = slice(k_out, d_out)
+    b_rows = slice(d_out, 2 * d_out - k_out)
+    a_cols = slice(k_in, d_in)
+    b_cols = slice(d_in, 2 * d_in - k_in)
+    assert torch.count_nonzero(w[a_rows, b_cols]) == 0 and torch.count_nonzero(w[b_rows, a_cols]) == 0
+    assert torch.count_nonzero(w[a_rows, a_cols]) > 0 and torch.count_nonzero(w[b_rows, b_cols]) > 0

@@ -1,4 +1,13 @@
-"""``rebasin``: Git Re-Basin. Align B to A (weight or activation matching), then average (1x)."""
+"""``rebasin``: Git Re-Basin. Align B to A (weight or activation matching), then average (1x).
+
+Above 1x it merges only the most similar pairs of each group and keeps the rest of both models
+(PLeaS's partial merge, without the least-squares refit): one merge fraction for every group, the
+least merging that meets the budget, unless ``merge_counts`` (k_g per group) is given.
+"""
+from __future__ import annotations
+
+from ..budget import uniform_merge_counts
+from ..errors import MergeInputError
 from ..plans import partial_merge_map
 from .registry import MergeMethod, register_method
 
@@ -6,8 +15,30 @@ from .registry import MergeMethod, register_method
 @register_method
 class Rebasin(MergeMethod):
     name = "rebasin"
-    max_budget = 1.0
+
+    def __init__(self, *, merge_counts: dict[str, int] | None = None):
+        self.merge_counts = merge_counts
 
     def plan(self, job):
         matching = job.match()
-        return {g.name: partial_merge_map(matching.perms[g.name], matching.similarity[g.name], g.width) for g in job.spec}
+        counts = self.counts(job)
+        return {
+            g.name: partial_merge_map(matching.perms[g.name], matching.similarity[g.name], counts[g.name])
+            for g in job.spec
+        }
+
+    def counts(self, job) -> dict[str, int]:
+        if self.merge_counts is None:
+            if job.budget == 1.0:
+                return {g.name: g.width for g in job.spec}
+            return uniform_merge_counts(job.spec, job.size, job.budget * job.base_size())
+        names = {g.name: g for g in job.spec}
+        unknown = sorted(set(self.merge_counts) - set(names))
+        if unknown:
+            raise MergeInputError(f"merge_counts names unknown groups {unknown[:5]}; groups: {list(names)[:10]}...")
+        counts = {g.name: g.width for g in job.spec}
+        for name, k in self.merge_counts.items():
+            if not 0 <= int(k) <= names[name].width:
+                raise MergeInputError(f"merge_counts[{name!r}]={k}; allowed: 0 to {names[name].width}")
+            counts[name] = int(k)
+        return counts
