@@ -41,7 +41,8 @@ for name in tasks:
     print(f"{'source ' + name:10s} {'1.0':>6s} {1.0:6.2f} {acc if name == 'A' else float('nan'):6.3f} "
           f"{acc if name == 'B' else float('nan'):6.3f}")
 runs = [("ensemble", None, {}), ("average", 1.0, {}), ("rebasin", 1.0, {"matching": "weight"}),
-        ("rebasin", 1.0, {}), ("zipit", 1.0, {}), ("rebasin", 1.5, {}), ("zipit", 1.5, {})]
+        ("rebasin", 1.0, {}), ("zipit", 1.0, {}), ("regmean", 1.0, {}), ("pleas", 1.0, {}),
+        ("rebasin", 1.5, {}), ("zipit", 1.5, {}), ("pleas", 1.5, {})]
 for method, budget, opts in runs:
     start = time.perf_counter()
     r = pleas.merge(models["A"], models["B"], calib, method=method, budget=budget or 1.0, heads="separate",

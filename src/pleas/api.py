@@ -36,7 +36,7 @@ def merge(
     model_b: nn.Module,
     data: Any,
     *,
-    method: str = "rebasin",
+    method: str = "pleas",
     budget: float = 1.0,
     heads: str = "shared",
     matching: str = "activation",
@@ -104,6 +104,7 @@ def merge(
             {"name": g.name, "width": g.width, "merged_width": widths[g.name], "merge_count": counts[g.name]}
             for g in job.spec
         ],
+        **job.extra,
         "seconds": {
             "setup": t_setup - start,
             "plan": t_plan - t_setup,

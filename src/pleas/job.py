@@ -37,6 +37,8 @@ class MergeJob:
     reset_norms: bool = True
     progress: bool = True
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
+    last_maps: dict[str, GroupMap] = field(default_factory=dict, repr=False)
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def create(
@@ -146,6 +148,7 @@ class MergeJob:
             )
 
     def build(self, maps: dict[str, GroupMap]) -> nn.Module:
+        self.last_maps = maps
         spec = self.build_spec
         state = transform_state_dicts(spec, self.state_dicts, self.full_maps(maps))
         model = build_model(self.models[0], state).eval()

@@ -106,6 +106,24 @@ def permute_state_dict(
     return transform_state_dicts(spec, [state_dict], {g: permutation_map(p) for g, p in perms.items()})
 
 
+def combine_activations(
+    tensors: list[torch.Tensor], dim: int, members: list[tuple], maps: dict[str, GroupMap]
+) -> torch.Tensor:
+    """The merged model's view of one activation, from the n source models' copies of it.
+
+    ``members`` are (group, member) pairs locating groups on dimension ``dim`` (offsets and repeats as
+    in the weights that read the activation). Each group's slice becomes ``merge @ stacked units``
+    (ALGORITHM.md section 4: X~ = [(X_A[merged] + X_B^pi[merged]) / 2, X_A[A-only], X_B^pi[B-only]]);
+    entries outside every group (network inputs, a shared output) are averaged. float64.
+    """
+    n = len(tensors)
+    as_out = [(g, Member(m.param, dim, "out", m.offset, m.repeat)) for g, m in members if g.name in maps]
+    if not as_out:
+        return sum(t.double() for t in tensors) / n
+    dim = dim % tensors[0].dim()
+    return sum(_rewrite_axis(t.double(), dim, as_out, k, n, maps) for k, t in enumerate(tensors))
+
+
 def _combine(key: str, spec: PermutationSpec, tensors: list[torch.Tensor], maps: dict[str, GroupMap]):
     n = len(tensors)
     members = [(g, m) for g, m in spec.members_of(key) if g.name in maps]

@@ -1,0 +1,41 @@
+"""``pleas``: PLeaS. Match units, merge the most similar pairs of each group (the rest of A and B kept),
+then refit every layer by least squares toward the permuted ensemble (ALGORITHM.md sections 2-4).
+
+Calibration data from another dataset gives PLeaS-free: nothing changes but the data passed.
+"""
+from __future__ import annotations
+
+from ..norms import reset_batchnorm_stats
+from ..refit import RefitOptions, refit
+from .rebasin import Rebasin
+from .registry import register_method
+
+
+@register_method
+class PLeaS(Rebasin):
+    """Options: ``ridge`` (toward the initialisation, relative to the Gram's mean diagonal), ``mask``
+    (keep the zero blocks), ``refit`` ("exact" closed form or "adam"), ``oversample`` (samples per
+    input column kept for each layer's statistics), ``merge_counts``."""
+
+    name = "pleas"
+
+    def __init__(self, *, ridge: float = 1e-3, mask: bool = True, refit: str = "exact", oversample: int = 8,
+                 adam_steps: int = 300, adam_lr: float = 1e-3, merge_counts=None):
+        super().__init__(merge_counts=merge_counts)
+        from ..errors import MergeInputError
+
+        if refit not in ("exact", "adam"):
+            raise MergeInputError(f"refit={refit!r}; allowed: 'exact', 'adam'")
+        if ridge < 0:
+            raise MergeInputError(f"ridge={ridge} must be >= 0")
+        self.options = dict(ridge=float(ridge), mask=bool(mask), method=refit, oversample=int(oversample),
+                            adam_steps=int(adam_steps), adam_lr=float(adam_lr))
+
+    def finish(self, job, model):
+        inner = getattr(model, "model", model)  # SeparateHeads wraps the merged network
+        options = RefitOptions(seed=job.seed, progress=job.progress, **self.options)
+        report = refit(job.models, inner, job.build_spec, job.full_maps(job.last_maps), job.data, options)
+        job.extra["refit"] = report.layers
+        if job.reset_norms:
+            reset_batchnorm_stats(model, job.data, progress=job.progress)
+        return model
