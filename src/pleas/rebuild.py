@@ -31,9 +31,9 @@ def build_model(template: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.
         module = model.get_submodule(path)
         old = getattr(module, attr)
         if attr in module._parameters:
-            module._parameters[attr] = nn.Parameter(tensor.detach().clone(), requires_grad=old.requires_grad)
+            module._parameters[attr] = nn.Parameter(_own(tensor), requires_grad=old.requires_grad)
         else:
-            module._buffers[attr] = tensor.detach().clone()
+            module._buffers[attr] = _own(tensor)
         if tuple(old.shape) != tuple(tensor.shape):
             resized[path] = module
     for path, module in resized.items():
@@ -44,3 +44,8 @@ def build_model(template: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.
             except ValueError as exc:
                 raise SpecError(f"cannot resize module {path!r}: {exc}") from exc
     return model
+
+
+def _own(tensor: torch.Tensor) -> torch.Tensor:
+    """A private, contiguous copy (strided views from the transforms make convolutions slow)."""
+    return tensor.detach().clone(memory_format=torch.contiguous_format)

@@ -61,9 +61,11 @@ class LayerStats:
     count: int = 0
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.gram += x.T @ x
-        self.cross += x.T @ y
-        self.target_sq += float((y * y).sum())
+        """Add one batch of rows. The batch's products run in float32 (a few thousand rows at most);
+        the running sums are float64, so round-off does not grow with the dataset."""
+        self.gram += (x.T @ x).double()
+        self.cross += (x.T @ y).double()
+        self.target_sq += float((y.double() ** 2).sum())
         self.count += x.shape[0]
 
     def error(self, w: torch.Tensor) -> float:
@@ -182,50 +184,58 @@ def _collect(sources, layers, maps, batches, n_batches, params, options) -> dict
         for x in tqdm(batches, desc="least-squares statistics", disable=not options.progress, leave=False):
             taps = [run(x)[1] for run in runs]
             for layer in layers:
-                xs = combine_activations([t[layer.in_node] for t in taps], layer.unit_dim, layer.in_members, maps)
-                ys = combine_activations([t[layer.out_node] for t in taps], layer.unit_dim, layer.out_members, maps)
-                p = stats[layer.name].gram.shape[0]
-                rows = max(options.oversample * p, options.min_rows)
-                per_batch = math.ceil(rows / n_batches)
-                xr, yr = _rows(layer, xs, ys, per_batch, gen, bias=f"{layer.name}.bias" in params)
-                stats[layer.name].update(xr, yr)
+                st = stats[layer.name]
+                rows = max(options.oversample * st.gram.shape[0], options.min_rows)
+                xr, yr = _rows(layer, [t[layer.in_node] for t in taps], [t[layer.out_node] for t in taps],
+                               maps, math.ceil(rows / n_batches), gen, bias=f"{layer.name}.bias" in params)
+                st.update(xr, yr)
     return stats
 
 
-def _rows(layer: Layer, x: torch.Tensor, y: torch.Tensor, limit: int, gen: torch.Generator, *, bias: bool):
-    """Design rows (samples, P) and targets (samples, m_out), at most ``limit`` seeded random samples."""
+def _rows(layer: Layer, xs: list, ys: list, maps, limit: int, gen: torch.Generator, *, bias: bool):
+    """Design rows (samples, P) and targets (samples, m_out) of the permuted ensemble, float32, at
+    most ``limit`` seeded random samples. Samples are picked first and combined after (the merge is
+    linear along the units), so the full activations are never converted."""
     if layer.is_conv:
-        xr, yr = _conv_rows(layer.module, x, y, limit, gen)
+        xs = [x.unsqueeze(2) if x.dim() == 3 else x for x in xs]  # Conv1d as a Conv2d of height 1
+        ys = [y.unsqueeze(2) if y.dim() == 3 else y for y in ys]
+        pick = _positions(ys[0].shape, limit, gen)
+        xr = [_patches(layer.module, x, pick) for x in xs]  # (P, C, kh, kw)
+        yr = [y[pick[0], :, pick[1], pick[2]] for y in ys]  # (P, m_out)
+        x = combine_activations(xr, 1, layer.in_members, maps).flatten(1)
     else:
-        xr, yr = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-        if xr.shape[0] > limit:
-            idx = torch.randperm(xr.shape[0], generator=gen)[:limit]
-            xr, yr = xr[idx], yr[idx]
+        flat = [x.reshape(-1, x.shape[-1]) for x in xs]
+        idx = torch.randperm(flat[0].shape[0], generator=gen)[:limit] if flat[0].shape[0] > limit else None
+        xr = [f if idx is None else f[idx] for f in flat]
+        yr = [y.reshape(-1, y.shape[-1]) for y in ys]
+        yr = [f if idx is None else f[idx] for f in yr]
+        x = combine_activations(xr, -1, layer.in_members, maps)
+    y = combine_activations(yr, -1, layer.out_members, maps)
     if bias:
-        xr = torch.cat([xr, torch.ones(xr.shape[0], 1, dtype=xr.dtype)], 1)
-    return xr, yr
+        x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
+    return x.float(), y.float()
 
 
-def _conv_rows(conv: nn.Module, x: torch.Tensor, y: torch.Tensor, limit: int, gen: torch.Generator):
-    """Patches of ``x`` (samples, C*prod(kernel)) at seeded random output positions, and ``y`` there."""
-    if x.dim() == 3:  # Conv1d as a Conv2d of height 1
-        x, y = x.unsqueeze(2), y.unsqueeze(2)
+def _positions(out_shape: tuple, limit: int, gen: torch.Generator):
+    """Seeded random output positions (batch, row, col) of a conv output of shape (N, C, H, W)."""
+    n, _, ho, wo = out_shape
+    total = n * ho * wo
+    pick = torch.randperm(total, generator=gen)[:limit] if total > limit else torch.arange(total)
+    rest = pick % (ho * wo)
+    return pick // (ho * wo), rest // wo, rest % wo
+
+
+def _patches(conv: nn.Module, x: torch.Tensor, pick) -> torch.Tensor:
+    """The input patches (P, C, kh, kw) that ``conv`` reads at output positions ``pick``."""
+    if conv.weight.dim() == 3:
         kernel, stride, pad, dil = (1, *conv.kernel_size), (1, *conv.stride), (0, *conv.padding), (1, *conv.dilation)
     else:
         kernel, stride, pad, dil = conv.kernel_size, conv.stride, conv.padding, conv.dilation
-    n, c, _, _ = x.shape
-    ho, wo = y.shape[2], y.shape[3]
-    total = n * ho * wo
-    pick = torch.randperm(total, generator=gen)[:limit] if total > limit else torch.arange(total)
-    b, rest = pick // (ho * wo), pick % (ho * wo)
-    oy, ox = rest // wo, rest % wo
+    b, oy, ox = pick
     xp = F.pad(x, (pad[1], pad[1], pad[0], pad[0]))
     rows = oy[:, None] * stride[0] + torch.arange(kernel[0])[None, :] * dil[0]  # (P, kh)
     cols = ox[:, None] * stride[1] + torch.arange(kernel[1])[None, :] * dil[1]  # (P, kw)
-    patches = xp[b[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (P, kh, kw, C)
-    patches = patches.permute(0, 3, 1, 2).reshape(len(pick), c * kernel[0] * kernel[1])
-    targets = y[b, :, oy, ox]
-    return patches, targets
+    return xp[b[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
 def _owners(members: list[tuple[Group, Member]], size: int, maps: dict[str, GroupMap], n: int, *, side: str):

@@ -1,0 +1,49 @@
+"""Speed of a whole PLeaS merge against the forward floor on torchvision resnet18.
+
+Forward floor: the time for A and B to run once over the calibration data (eval, no_grad).
+Usage: python benchmarks/speed_resnet18.py [--images 4000] [--batch 256] [--profile]
+"""
+import argparse
+import time
+
+import torch
+import torchvision
+
+import pleas
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--images", type=int, default=4000)
+parser.add_argument("--batch", type=int, default=256)
+parser.add_argument("--method", default="pleas")
+parser.add_argument("--profile", action="store_true")
+args = parser.parse_args()
+
+torch.manual_seed(0)
+a = torchvision.models.resnet18(num_classes=10).eval()
+torch.manual_seed(1)
+b = torchvision.models.resnet18(num_classes=10).eval()
+data = torch.randn(args.images, 3, 32, 32)
+
+start = time.perf_counter()
+with torch.no_grad():
+    for m in (a, b):
+        for x in data.split(args.batch):
+            m(x)
+floor = time.perf_counter() - start
+print(f"forward floor (A and B once over {args.images} images): {floor:.2f} s")
+
+if args.profile:
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+start = time.perf_counter()
+result = pleas.merge(a, b, data, method=args.method, budget=1.0, batch_size=args.batch, progress=False)
+total = time.perf_counter() - start
+if args.profile:
+    prof.disable()
+    pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
+print(f"{args.method} merge at 1x: {total:.2f} s = {total / floor:.2f} x the forward floor")
+for k, v in result.report["seconds"].items():
+    print(f"  {k:8s} {v:7.2f} s")

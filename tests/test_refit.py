@@ -1,0 +1,135 @@
+"""The least-squares refit: exact recovery of planted maps, never worse than its start, exact ensemble
+at k = 0, zero blocks kept, deterministic."""
+import pytest
+import torch
+from torch import nn
+
+import pleas
+from conftest import assert_close
+from pleas.calibration import Calibration
+from pleas.plans import ensemble_map, partial_merge_map
+from pleas.refit import RefitOptions, refit
+from toy_models import MLP, VGGBN, randomise_norm_stats
+
+
+def _pair(factory, seeds=(0, 1)):
+    out = []
+    for s in seeds:
+        torch.manual_seed(s)
+        out.append(randomise_norm_stats(factory(), s))
+    return out
+
+
+class TwoLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 12)
+        self.b = nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+class TwoConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 4, 3, padding=1, stride=2)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("factory,shape", [(TwoLinear, (512, 6)), (TwoConv, (64, 3, 8, 8))])
+def test_refit_recovers_a_planted_map_exactly(factory, shape):
+    """A and B share their first layer, so the merged first layer's output is exactly theirs; B's second
+    layer is A's plus a planted change. The merged second layer must become their average exactly."""
+    torch.manual_seed(0)
+    a = factory().eval()
+    b = factory().eval()
+    b.a.load_state_dict(a.a.state_dict())
+    x = torch.randn(*shape)
+    spec = pleas.build_spec(a, x[:2])
+    g = spec.groups[0]
+    maps = {g.name: partial_merge_map(torch.arange(g.width), torch.ones(g.width), g.width)}
+    sd = pleas.transform_state_dicts(spec, [a.state_dict(), b.state_dict()], maps)
+    merged = pleas.build_model(a, sd)
+    with torch.no_grad():  # spoil the initialisation: the solve must not depend on it
+        merged.b.weight.add_(torch.randn_like(merged.b.weight))
+    report = refit([a, b], merged, spec, maps, Calibration(x, batch_size=64), RefitOptions(ridge=0.0, progress=False))
+    expected = (a.b.weight + b.b.weight) / 2
+    torch.testing.assert_close(merged.b.weight, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(merged.b.bias, (a.b.bias + b.b.bias) / 2, atol=1e-4, rtol=1e-4)
+    assert report.layers[-1]["error_after"] < 1e-8
+
+
+@pytest.mark.parametrize("factory,shape", [(MLP, (256, 20)), (VGGBN, (64, 3, 16, 16))])
+def test_fit_error_never_increases(factory, shape):
+    a, b = _pair(factory)
+    x = torch.randn(*shape)
+    result = pleas.merge(a, b, x, method="pleas", budget=1.2, progress=False)
+    layers = result.report["refit"]
+    assert len(layers) == sum(isinstance(m, (nn.Linear, nn.Conv2d)) for m in a.modules())
+    for layer in layers:
+        assert layer["error_after"] <= layer["error_before"] + 1e-9, layer
+    assert any(layer["error_after"] < 0.9 * layer["error_before"] for layer in layers)
+
+
+@pytest.mark.parametrize("heads", ["shared", "separate"])
+def test_refit_keeps_the_exact_ensemble(heads):
+    a, b = _pair(VGGBN)
+    x = torch.randn(32, 3, 16, 16)
+    counts = {g.name: 0 for g in pleas.build_spec(a, x[:2])}
+    result = pleas.merge(a, b, x, method="pleas", merge_counts=counts, budget=3.0, heads=heads,
+                         reset_norms=False, ridge=0.0, progress=False)
+    with torch.no_grad():
+        if heads == "shared":
+            assert_close(result.model(x), (a(x) + b(x)) / 2, rel=1e-3)
+        else:
+            out_a, out_b = result.model(x)
+            assert_close(out_a, a(x), rel=1e-3)
+            assert_close(out_b, b(x), rel=1e-3)
+
+
+@pytest.mark.parametrize("mask", [True, False])
+def test_mask_keeps_zero_blocks_zero(mask):
+    a, b = _pair(MLP)
+    x = torch.randn(256, 20)
+    counts = {"body.0": 10, "body.2": 12, "body.4": 20}
+    w = pleas.merge(a, b, x, method="pleas", merge_counts=counts, budget=2.0, mask=mask,
+                    progress=False).model.state_dict()["body.2.weight"]
+    a_rows, b_rows = slice(12, 32), slice(32, 52)
+    a_cols, b_cols = slice(10, 32), slice(32, 54)
+    zeros = torch.count_nonzero(w[a_rows, b_cols]) + torch.count_nonzero(w[b_rows, a_cols])
+    assert (zeros == 0) == mask
+
+
+def test_same_seed_same_weights():
+    a, b = _pair(VGGBN)
+    x = torch.randn(64, 3, 16, 16)
+    runs = [pleas.merge(a, b, x, method="pleas", budget=1.3, seed=3, progress=False).model.state_dict() for _ in range(2)]
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_pleas_free_uses_other_data():
+    """PLeaS-free: nothing but the calibration data changes; the merge still works and differs."""
+    a, b = _pair(VGGBN)
+    own, other = torch.randn(64, 3, 16, 16), torch.rand(64, 3, 16, 16) * 3
+    m1 = pleas.merge(a, b, own, method="pleas", progress=False).model.state_dict()
+    m2 = pleas.merge(a, b, other, method="pleas", progress=False).model.state_dict()
+    assert any(not torch.equal(m1[k], m2[k]) for k in m1)
+
+
+def test_adam_refit_option_runs_and_improves_the_fit():
+    a, b = _pair(MLP)
+    result = pleas.merge(a, b, torch.randn(256, 20), method="pleas", refit="adam", adam_steps=50, progress=False)
+    layers = result.report["refit"]
+    # Adam moves every weight a little, so an already-exact layer may pick up round-off-sized error.
+    assert all(l["error_after"] <= l["error_before"] + 1e-3 for l in layers)
+    assert sum(l["error_after"] for l in layers) < 0.6 * sum(l["error_before"] for l in layers)
+
+
+def test_bad_refit_options_are_refused():
+    a, b = _pair(MLP)
+    with pytest.raises(pleas.MergeInputError, match="refit='sgd'; allowed"):
+        pleas.merge(a, b, torch.randn(8, 20), method="pleas", refit="sgd")
