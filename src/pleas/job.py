@@ -94,7 +94,12 @@ class MergeJob:
     def moments(self) -> dict[str, Moments]:
         """Moments of the stacked units of both models, per group (one pass over the data)."""
         if "moments" not in self._cache:
-            self._cache["moments"] = collect_moments(self.models, self.spec, self.data, progress=self.progress)
+            # Enough positions per batch for stable correlations of the widest group, not every one.
+            widest = max(g.width for g in self.spec)
+            per_batch = max(32 * len(self.models) * widest // max(len(self.data), 1), 1024)
+            self._cache["moments"] = collect_moments(
+                self.models, self.spec, self.data, progress=self.progress, max_rows=per_batch, seed=self.seed
+            )
         return self._cache["moments"]
 
     def match(self):

@@ -60,17 +60,40 @@ class LayerStats:
     target_sq: float = 0.0
     count: int = 0
 
-    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor, y: torch.Tensor, blocks: list | None = None) -> None:
         """Add one batch of rows. The batch's products run in float32 (a few thousand rows at most);
-        the running sums are float64, so round-off does not grow with the dataset."""
-        self.gram += (x.T @ x).double()
-        self.cross += (x.T @ y).double()
+        the running sums are float64, so round-off does not grow with the dataset. Columns that are
+        zero in every row (kernel taps that only ever read padding, e.g. a 3x3 conv on a 1x1 map) are
+        skipped: they add nothing to G or C. ``blocks`` lists (rows, columns) pairs such that each row
+        is zero outside its block's columns (conv rows grouped by which taps see padding); each block
+        then adds its own smaller product."""
         self.target_sq += float((y.double() ** 2).sum())
         self.count += x.shape[0]
+        for rows, cols in blocks if blocks is not None else [(None, None)]:
+            xb = x if rows is None else x[rows]
+            yb = y if rows is None else y[rows]
+            self._add(xb if cols is None else xb[:, cols], yb, cols)
+
+    def _add(self, x: torch.Tensor, y: torch.Tensor, cols: torch.Tensor | None) -> None:
+        active = (x != 0).any(0).nonzero().squeeze(1)
+        if cols is not None:
+            x, active = x[:, active], cols[active]
+            self.gram[active[:, None], active] += (x.T @ x).double()
+            self.cross[active] += (x.T @ y).double()
+            return
+        if len(active) < x.shape[1]:
+            xa = x[:, active]
+            self.gram[active[:, None], active] += (xa.T @ xa).double()
+            self.cross[active] += (xa.T @ y).double()
+        else:
+            self.gram += (x.T @ x).double()
+            self.cross += (x.T @ y).double()
 
     def error(self, w: torch.Tensor) -> float:
         """||X W^T - Y||^2 / ||Y||^2 for a flattened weight w (m_out, P), from the sums alone."""
-        quad = (w @ self.gram * w).sum() - 2 * (w * self.cross.T).sum() + self.target_sq
+        seen = (self.gram.diagonal() > 0).nonzero().squeeze(1)  # unseen columns add nothing
+        w, g, c = w[:, seen], self.gram[seen[:, None], seen], self.cross[seen]
+        quad = (w @ g * w).sum() - 2 * (w * c.T).sum() + self.target_sq
         return float(quad.clamp_min(0)) / max(self.target_sq, 1e-30)
 
 
@@ -78,9 +101,10 @@ class LayerStats:
 class RefitOptions:
     ridge: float = 1e-3
     mask: bool = True
-    oversample: int = 8
+    oversample: int = 4
     min_rows: int = 4096
     method: str = "exact"  # or "adam"
+    inputs: str = "teacher"  # or "propagated": each layer's inputs from the merged model itself
     adam_steps: int = 300
     adam_lr: float = 1e-3
     seed: int = 0
@@ -144,6 +168,14 @@ def refit(
     params = dict(merged.named_parameters())
     report = RefitReport()
     n_batches = max(len(batches), 1) if hasattr(batches, "__len__") else 1
+    if options.inputs == "propagated":
+        from .norms import reset_batchnorm_stats
+
+        for layer in layers:  # graph order: every layer sees what the refitted layers before it produce
+            reset_batchnorm_stats(merged, batches, progress=False)
+            stats = _collect(sources, [layer], maps, batches, n_batches, params, options, merged=merged)
+            report.layers.append(_solve_into(layer, stats[layer.name], params, maps, len(sources), options))
+        return report
     for chunk in _chunks(layers, params, options.max_gram_bytes):
         stats = _collect(sources, chunk, maps, batches, n_batches, params, options)
         for layer in chunk:
@@ -171,7 +203,9 @@ def _chunks(layers: list[Layer], params: dict, limit: int):
         yield chunk
 
 
-def _collect(sources, layers, maps, batches, n_batches, params, options) -> dict[str, LayerStats]:
+def _collect(sources, layers, maps, batches, n_batches, params, options, merged=None) -> dict[str, LayerStats]:
+    """Stream every layer's G and C. Inputs are the permuted ensemble's (teacher forcing) or, given
+    ``merged``, that model's own activations at the layer's input."""
     nodes = sorted({n for layer in layers for n in (layer.in_node, layer.out_node)})
     stats: dict[str, LayerStats] = {}
     for layer in layers:
@@ -181,18 +215,23 @@ def _collect(sources, layers, maps, batches, n_batches, params, options) -> dict
     gen = torch.Generator().manual_seed(options.seed)
     with ExitStack() as stack, torch.no_grad():
         runs = [stack.enter_context(tapped(m, nodes)) for m in sources]
+        own = stack.enter_context(tapped(merged, [layer.in_node for layer in layers])) if merged is not None else None
         for x in tqdm(batches, desc="least-squares statistics", disable=not options.progress, leave=False):
             taps = [run(x)[1] for run in runs]
+            own_taps = own(x)[1] if own is not None else None
             for layer in layers:
                 st = stats[layer.name]
                 rows = max(options.oversample * st.gram.shape[0], options.min_rows)
-                xr, yr = _rows(layer, [t[layer.in_node] for t in taps], [t[layer.out_node] for t in taps],
-                               maps, math.ceil(rows / n_batches), gen, bias=f"{layer.name}.bias" in params)
-                st.update(xr, yr)
+                xs = [own_taps[layer.in_node]] if own_taps is not None else [t[layer.in_node] for t in taps]
+                xr, yr, blocks = _rows(layer, xs, [t[layer.out_node] for t in taps], maps,
+                                       math.ceil(rows / n_batches), gen, bias=f"{layer.name}.bias" in params,
+                                       merged_inputs=own_taps is not None)
+                st.update(xr, yr, blocks)
     return stats
 
 
-def _rows(layer: Layer, xs: list, ys: list, maps, limit: int, gen: torch.Generator, *, bias: bool):
+def _rows(layer: Layer, xs: list, ys: list, maps, limit: int, gen: torch.Generator, *, bias: bool,
+          merged_inputs: bool = False):
     """Design rows (samples, P) and targets (samples, m_out) of the permuted ensemble, float32, at
     most ``limit`` seeded random samples. Samples are picked first and combined after (the merge is
     linear along the units), so the full activations are never converted."""
@@ -200,20 +239,29 @@ def _rows(layer: Layer, xs: list, ys: list, maps, limit: int, gen: torch.Generat
         xs = [x.unsqueeze(2) if x.dim() == 3 else x for x in xs]  # Conv1d as a Conv2d of height 1
         ys = [y.unsqueeze(2) if y.dim() == 3 else y for y in ys]
         pick = _positions(ys[0].shape, limit, gen)
-        xr = [_patches(layer.module, x, pick) for x in xs]  # (P, C, kh, kw)
         yr = [y[pick[0], :, pick[1], pick[2]] for y in ys]  # (P, m_out)
-        x = combine_activations(xr, 1, layer.in_members, maps).flatten(1)
+        if merged_inputs:
+            x = _patches(layer.module, xs[0], pick)
+        elif len(pick[0]) * math.prod(layer.module.kernel_size) >= xs[0][:, 0].numel():
+            # the patches would repeat entries: combine the whole activation once, then cut patches
+            x = _patches(layer.module, combine_activations(xs, 1, layer.in_members, maps, torch.float32), pick)
+        else:
+            x = combine_activations([_patches(layer.module, x, pick) for x in xs], 1, layer.in_members, maps,
+                                    torch.float32)
+        blocks = _tap_blocks(layer.module, x.shape[1], xs[0].shape[2:], pick, bias)
+        x = x.flatten(1)
     else:
+        blocks = None
         flat = [x.reshape(-1, x.shape[-1]) for x in xs]
         idx = torch.randperm(flat[0].shape[0], generator=gen)[:limit] if flat[0].shape[0] > limit else None
         xr = [f if idx is None else f[idx] for f in flat]
         yr = [y.reshape(-1, y.shape[-1]) for y in ys]
         yr = [f if idx is None else f[idx] for f in yr]
-        x = combine_activations(xr, -1, layer.in_members, maps)
-    y = combine_activations(yr, -1, layer.out_members, maps)
+        x = xr[0] if merged_inputs else combine_activations(xr, -1, layer.in_members, maps, torch.float32)
+    y = combine_activations(yr, -1, layer.out_members, maps, torch.float32)
     if bias:
         x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
-    return x.float(), y.float()
+    return x.float(), y, blocks
 
 
 def _positions(out_shape: tuple, limit: int, gen: torch.Generator):
@@ -225,12 +273,43 @@ def _positions(out_shape: tuple, limit: int, gen: torch.Generator):
     return pick // (ho * wo), rest // wo, rest % wo
 
 
+def _conv_geometry(conv: nn.Module):
+    if conv.weight.dim() == 3:
+        return (1, *conv.kernel_size), (1, *conv.stride), (0, *conv.padding), (1, *conv.dilation)
+    return conv.kernel_size, conv.stride, conv.padding, conv.dilation
+
+
+def _tap_blocks(conv: nn.Module, c: int, size: tuple, pick, bias: bool) -> list | None:
+    """Group patch rows by which kernel taps fall inside the input (the others read zero padding).
+
+    Returns (rows, columns) pairs over the flattened (C, kh, kw) [+ bias] columns, or None when every
+    row sees every tap. On small maps most rows see few taps, and each group's product is far smaller.
+    """
+    kernel, stride, pad, dil = _conv_geometry(conv)
+    if pad[0] == 0 and pad[1] == 0:
+        return None
+    h, w = size
+    _, oy, ox = pick
+    iy = oy[:, None] * stride[0] + torch.arange(kernel[0])[None, :] * dil[0] - pad[0]
+    ix = ox[:, None] * stride[1] + torch.arange(kernel[1])[None, :] * dil[1] - pad[1]
+    valid = ((iy >= 0) & (iy < h))[:, :, None] & ((ix >= 0) & (ix < w))[:, None, :]  # (P, kh, kw)
+    keys = valid.flatten(1)
+    if bool(keys.all()):
+        return None
+    patterns, inverse = torch.unique(keys, dim=0, return_inverse=True)
+    taps = kernel[0] * kernel[1]
+    blocks = []
+    for i, pattern in enumerate(patterns):
+        cols = (torch.arange(c)[:, None] * taps + pattern.nonzero().squeeze(1)[None, :]).reshape(-1)
+        if bias:
+            cols = torch.cat([cols, torch.tensor([c * taps])])
+        blocks.append(((inverse == i).nonzero().squeeze(1), cols))
+    return blocks
+
+
 def _patches(conv: nn.Module, x: torch.Tensor, pick) -> torch.Tensor:
     """The input patches (P, C, kh, kw) that ``conv`` reads at output positions ``pick``."""
-    if conv.weight.dim() == 3:
-        kernel, stride, pad, dil = (1, *conv.kernel_size), (1, *conv.stride), (0, *conv.padding), (1, *conv.dilation)
-    else:
-        kernel, stride, pad, dil = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+    kernel, stride, pad, dil = _conv_geometry(conv)
     b, oy, ox = pick
     xp = F.pad(x, (pad[1], pad[1], pad[0], pad[0]))
     rows = oy[:, None] * stride[0] + torch.arange(kernel[0])[None, :] * dil[0]  # (P, kh)
@@ -279,13 +358,12 @@ def _solve_into(layer: Layer, st: LayerStats, params: dict, maps, n: int, opt: R
             patterns.setdefault(key, []).append(i)
     for key, rows in patterns.items():
         rows = torch.as_tensor(rows)
-        if key is None:
-            cols = torch.arange(p)
-        else:
-            allowed = (torch.tensor(key)[:, None] & own_in).any(0)
-            cols = allowed.nonzero().squeeze(1)
-        w[rows] = 0.0
-        w[rows[:, None], cols] = _ridge_solve(st, rows, cols, w0, lam, opt)
+        allowed = torch.ones(p, dtype=torch.bool) if key is None else (torch.tensor(key)[:, None] & own_in).any(0)
+        w[rows[:, None], (~allowed).nonzero().squeeze(1)] = 0.0
+        # Columns the data never reaches keep their initial weight: for them the ridge solution is W_0.
+        cols = (allowed & (st.gram.diagonal() > 0)).nonzero().squeeze(1)
+        if len(cols):
+            w[rows[:, None], cols] = _ridge_solve(st, rows, cols, w0, lam, opt)
     after = st.error(w)
     with torch.no_grad():
         weight.copy_(w[:, : weight[0].numel()].reshape(weight.shape).to(weight.dtype))

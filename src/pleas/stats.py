@@ -35,11 +35,11 @@ class Moments:
         return cls(0.0, torch.zeros(dim, dtype=torch.float64), torch.zeros(dim, dim, dtype=torch.float64))
 
     def update(self, z: torch.Tensor) -> None:
-        """Add samples ``z`` of shape (N, D)."""
-        z = z.double()
+        """Add samples ``z`` of shape (N, D). The batch's product runs in the input's precision; the
+        running sums are float64, so round-off does not grow with the number of batches."""
         self.count += z.shape[0]
-        self.sum += z.sum(0)
-        self.outer += z.T @ z
+        self.sum += z.double().sum(0)
+        self.outer += (z.T @ z).double()
 
     def __add__(self, other: "Moments") -> "Moments":
         return Moments(self.count + other.count, self.sum + other.sum, self.outer + other.outer)
@@ -87,16 +87,20 @@ def collect_moments(
     *,
     groups: list[Group] | None = None,
     progress: bool = True,
+    max_rows: int | None = None,
+    seed: int = 0,
 ) -> dict[str, Moments]:
     """Moments of the stacked units ``[model 0 units | model 1 units | ...]`` of every group.
 
     For group g of width d and n models, z has n*d entries, so the result holds the correlations
     within each model and across models (what activation matching and ZipIt! need). The models are
-    not modified.
+    not modified. ``max_rows`` caps the samples each site contributes per batch (a seeded random
+    subset of positions); every batch still contributes.
     """
     groups = list(spec.groups if groups is None else groups)
     nodes = sorted({s.node for g in groups for s in g.sites})
     moments = {g.name: Moments.zeros(len(models) * g.width) for g in groups}
+    gen = torch.Generator().manual_seed(seed)
     with ExitStack() as stack, torch.no_grad():
         runs = [stack.enter_context(tapped(m, nodes)) for m in models]
         for x in tqdm(batches, desc="activation statistics", disable=not progress, leave=False):
@@ -104,5 +108,7 @@ def collect_moments(
             for g in groups:
                 for site in g.sites:
                     z = torch.cat([site_samples(t[site.node], site, g.width) for t in taps], dim=1)
+                    if max_rows is not None and z.shape[0] > max_rows:
+                        z = z[torch.randperm(z.shape[0], generator=gen)[:max_rows]]
                     moments[g.name].update(z)
     return moments

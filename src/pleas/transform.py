@@ -107,21 +107,26 @@ def permute_state_dict(
 
 
 def combine_activations(
-    tensors: list[torch.Tensor], dim: int, members: list[tuple], maps: dict[str, GroupMap]
+    tensors: list[torch.Tensor],
+    dim: int,
+    members: list[tuple],
+    maps: dict[str, GroupMap],
+    dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
     """The merged model's view of one activation, from the n source models' copies of it.
 
     ``members`` are (group, member) pairs locating groups on dimension ``dim`` (offsets and repeats as
     in the weights that read the activation). Each group's slice becomes ``merge @ stacked units``
     (ALGORITHM.md section 4: X~ = [(X_A[merged] + X_B^pi[merged]) / 2, X_A[A-only], X_B^pi[B-only]]);
-    entries outside every group (network inputs, a shared output) are averaged. float64.
+    entries outside every group (network inputs, a shared output) are averaged. Computed in ``dtype``
+    (the merge matrices hold 0, 1/2 and 1, so float32 loses nothing beyond the inputs' own precision).
     """
     n = len(tensors)
     as_out = [(g, Member(m.param, dim, "out", m.offset, m.repeat)) for g, m in members if g.name in maps]
     if not as_out:
-        return sum(t.double() for t in tensors) / n
+        return sum(t.to(dtype) for t in tensors) / n
     dim = dim % tensors[0].dim()
-    return sum(_rewrite_axis(t.double(), dim, as_out, k, n, maps) for k, t in enumerate(tensors))
+    return sum(_rewrite_axis(t.to(dtype), dim, as_out, k, n, maps) for k, t in enumerate(tensors))
 
 
 def _combine(key: str, spec: PermutationSpec, tensors: list[torch.Tensor], maps: dict[str, GroupMap]):

@@ -20,22 +20,35 @@ class PLeaS(Rebasin):
     name = "pleas"
 
     def __init__(self, *, ridge: float = 1e-3, mask: bool = True, refit: str = "exact", oversample: int = 8,
-                 adam_steps: int = 300, adam_lr: float = 1e-3, merge_counts=None):
+                 adam_steps: int = 300, adam_lr: float = 1e-3, fold_bn: bool = False, inputs: str = "teacher",
+                 merge_counts=None):
         super().__init__(merge_counts=merge_counts)
         from ..errors import MergeInputError
 
         if refit not in ("exact", "adam"):
             raise MergeInputError(f"refit={refit!r}; allowed: 'exact', 'adam'")
+        if inputs not in ("teacher", "propagated"):
+            raise MergeInputError(f"inputs={inputs!r}; allowed: 'teacher', 'propagated'")
         if ridge < 0:
             raise MergeInputError(f"ridge={ridge} must be >= 0")
         self.options = dict(ridge=float(ridge), mask=bool(mask), method=refit, oversample=int(oversample),
-                            adam_steps=int(adam_steps), adam_lr=float(adam_lr))
+                            adam_steps=int(adam_steps), adam_lr=float(adam_lr), inputs=inputs)
+        self.fold_bn = bool(fold_bn)
+
+    def plan(self, job):
+        if self.fold_bn:
+            from ..fold import fold_batchnorm
+
+            folded = [fold_batchnorm(m) for m in job.models]
+            job.models = [m for m, _ in folded]
+            self.folded = folded[0][1]
+        return super().plan(job)
 
     def finish(self, job, model):
         inner = getattr(model, "model", model)  # SeparateHeads wraps the merged network
         options = RefitOptions(seed=job.seed, progress=job.progress, **self.options)
         report = refit(job.models, inner, job.build_spec, job.full_maps(job.last_maps), job.data, options)
         job.extra["refit"] = report.layers
-        if job.reset_norms:
+        if job.reset_norms and not self.fold_bn:
             reset_batchnorm_stats(model, job.data, progress=job.progress)
         return model
