@@ -34,16 +34,16 @@ g = torch.Generator().manual_seed(0)
 calib = torch.cat([t.x[torch.randperm(len(t), generator=g)[: args.calibration // 2]] for t in trains])
 
 variants = {
-    "ridge 1e-4": {"ridge": 1e-4},
-    "ridge 1e-3": {"ridge": 1e-3},
-    "ridge 1e-2": {"ridge": 1e-2},
-    "ridge 1e-1": {"ridge": 1e-1},
-    "no mask": {"mask": False},
-    "adam 300": {"refit": "adam"},
+    "ridge 1e-4": {"ridge": 1e-4, "inputs": "teacher"},
+    "ridge 1e-2": {"ridge": 1e-2, "inputs": "teacher"},
+    "ridge 1e-1": {"ridge": 1e-1, "inputs": "teacher"},
+    "no mask": {"mask": False, "inputs": "teacher"},
+    "adam 300": {"refit": "adam", "inputs": "teacher"},
+    "teacher": {"inputs": "teacher"},
     "propagated": {"inputs": "propagated"},
     "propagated r1e-2": {"inputs": "propagated", "ridge": 1e-2},
-    "bn folded": {"fold_bn": True},
-    "bn folded r1e-2": {"fold_bn": True, "ridge": 1e-2},
+    "bn folded": {"fold_bn": True, "inputs": "teacher"},
+    "bn folded, prop.": {"fold_bn": True, "inputs": "propagated"},
 }
 print(f"{'variant':18s} {'budget':>6s} {'acc A':>6s} {'acc B':>6s} {'mean':>6s} {'sec':>6s}")
 for budget in [float(b) for b in args.budgets.split(",")]:

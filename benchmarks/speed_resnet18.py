@@ -4,6 +4,7 @@ Forward floor: the time for A and B to run once over the calibration data (eval,
 Usage: python benchmarks/speed_resnet18.py [--images 4000] [--batch 256] [--profile]
 """
 import argparse
+import json
 import time
 
 import torch
@@ -16,6 +17,7 @@ parser.add_argument("--images", type=int, default=4000)
 parser.add_argument("--batch", type=int, default=256)
 parser.add_argument("--method", default="pleas")
 parser.add_argument("--profile", action="store_true")
+parser.add_argument("--options", default="{}", help='method options as JSON, e.g. {"inputs": "teacher"}')
 args = parser.parse_args()
 
 torch.manual_seed(0)
@@ -39,11 +41,12 @@ if args.profile:
     prof = cProfile.Profile()
     prof.enable()
 start = time.perf_counter()
-result = pleas.merge(a, b, data, method=args.method, budget=1.0, batch_size=args.batch, progress=False)
+options = json.loads(args.options)
+result = pleas.merge(a, b, data, method=args.method, budget=1.0, batch_size=args.batch, progress=False, **options)
 total = time.perf_counter() - start
 if args.profile:
     prof.disable()
     pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
-print(f"{args.method} merge at 1x: {total:.2f} s = {total / floor:.2f} x the forward floor")
+print(f"{args.method} {options} merge at 1x: {total:.2f} s = {total / floor:.2f} x the forward floor")
 for k, v in result.report["seconds"].items():
     print(f"  {k:8s} {v:7.2f} s")

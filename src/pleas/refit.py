@@ -104,7 +104,7 @@ class RefitOptions:
     oversample: int = 4
     min_rows: int = 4096
     method: str = "exact"  # or "adam"
-    inputs: str = "teacher"  # or "propagated": each layer's inputs from the merged model itself
+    inputs: str = "teacher"  # or "propagated": layer by layer, on the merged model's own activations
     adam_steps: int = 300
     adam_lr: float = 1e-3
     seed: int = 0
