@@ -287,3 +287,19 @@ def test_zero_blocks_keep_a_only_units_from_reading_b_only_units():
     b_cols = slice(d_in, 2 * d_in - k_in)
     assert torch.count_nonzero(w[a_rows, b_cols]) == 0 and torch.count_nonzero(w[b_rows, a_cols]) == 0
     assert torch.count_nonzero(w[a_rows, a_cols]) > 0 and torch.count_nonzero(w[b_rows, b_cols]) > 0
+
+
+def test_effective_size_excludes_exactly_the_zero_blocks():
+    a, b = _pair(MLP)
+    x = torch.randn(64, 20)
+    counts = {"body.0": 10, "body.2": 12, "body.4": 20}
+    result = pleas.merge(a, b, x, method="rebasin", merge_counts=counts, budget=2.0, reset_norms=False, progress=False)
+    zeros = sum(int((t == 0).sum()) for t in result.model.state_dict().values())
+    size = result.report["size"]
+    assert size["merged_params"] - size["effective_params"] == zeros  # random weights: no other exact zeros
+    # ALGORITHM.md: 2 (d_o - k_o)(d_i - k_i) per layer
+    d = 32
+    expected = 2 * (d - 12) * (d - 10) + 2 * (d - 20) * (d - 12)
+    assert zeros == expected
+    ens = pleas.merge(a, b, x, method="ensemble", progress=False).report["size"]
+    assert ens["relative_effective"] == pytest.approx(2.0, abs=0.01) and ens["relative_dense"] > 2.2

@@ -11,7 +11,7 @@ from torch import nn
 from .errors import MergeInputError
 from .job import MergeJob
 from .methods import get_method
-from .size import model_param_count
+from .size import model_param_count, zero_block_count
 from .spec import PermutationSpec
 
 
@@ -88,6 +88,7 @@ def merge(
     widths = {g.name: maps[g.name].width for g in job.spec}
     counts = {g.name: 2 * g.width - widths[g.name] for g in job.spec}
     base = job.base_size()
+    zeros = zero_block_count(job.build_spec, job.state_dicts[0], job.full_maps(maps), len(job.models))
     report = {
         "method": method,
         "options": options,
@@ -99,6 +100,8 @@ def merge(
             "source_params": model_param_count(model_a),
             "merged_params": model_param_count(model),
             "relative_dense": job.size(widths) / base,
+            "effective_params": model_param_count(model) - zeros,
+            "relative_effective": (job.size(widths) - zeros) / base,
         },
         "groups": [
             {"name": g.name, "width": g.width, "merged_width": widths[g.name], "merge_count": counts[g.name]}

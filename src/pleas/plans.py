@@ -45,6 +45,24 @@ def ensemble_map(width: int, n_models: int = 2) -> GroupMap:
     return GroupMap(eye, eye.clone())
 
 
+def unit_owners(members: list[tuple[Group, Member]], size: int, maps: dict[str, GroupMap], n: int, *, side: str):
+    """(n, size) booleans: which source models own each unit of an axis laid out like ``members``.
+
+    Entries outside every group (network inputs, shared outputs) belong to every model.
+    """
+    owners = torch.ones(n, size, dtype=torch.bool)
+    for g, m in members:
+        if g.name not in maps:
+            continue
+        gm = maps[g.name]
+        d = g.width
+        mat = gm.merge if side == "out" else gm.unmerge.T  # (m, n*d)
+        own = torch.stack([mat[:, k * d : (k + 1) * d].abs().sum(1) > 0 for k in range(n)])  # (n, m)
+        own = own.repeat_interleave(m.repeat, dim=1)
+        owners[:, m.offset : m.offset + own.shape[1]] = own
+    return owners
+
+
 def merged_width(width: int, k: int) -> int:
     """m = 2d - k: the width of a group of two models after merging k pairs."""
     return 2 * width - k

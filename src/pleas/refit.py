@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from .graph import trace_graph
 from .spec import Group, Member, PermutationSpec
 from .stats import tapped
+from .plans import unit_owners
 from .transform import GroupMap, combine_activations
 
 
@@ -317,24 +318,6 @@ def _patches(conv: nn.Module, x: torch.Tensor, pick) -> torch.Tensor:
     return xp[b[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
-def _owners(members: list[tuple[Group, Member]], size: int, maps: dict[str, GroupMap], n: int, *, side: str):
-    """(n, size) booleans: which source models own each unit of an axis laid out like ``members``.
-
-    Entries outside every group (network inputs, shared outputs) belong to every model.
-    """
-    owners = torch.ones(n, size, dtype=torch.bool)
-    for g, m in members:
-        if g.name not in maps:
-            continue
-        gm = maps[g.name]
-        d = g.width
-        mat = gm.merge if side == "out" else gm.unmerge.T  # (m, n*d)
-        own = torch.stack([mat[:, k * d : (k + 1) * d].abs().sum(1) > 0 for k in range(n)])  # (n, m)
-        own = own.repeat_interleave(m.repeat, dim=1)
-        owners[:, m.offset : m.offset + own.shape[1]] = own
-    return owners
-
-
 def _solve_into(layer: Layer, st: LayerStats, params: dict, maps, n: int, opt: RefitOptions) -> dict:
     weight = params[f"{layer.name}.weight"]
     bias = params.get(f"{layer.name}.bias")
@@ -344,9 +327,9 @@ def _solve_into(layer: Layer, st: LayerStats, params: dict, maps, n: int, opt: R
     if bias is not None:
         w0 = torch.cat([w0, bias.detach().double()[:, None]], 1)
     p = w0.shape[1]
-    own_out = _owners(layer.out_members, m_out, maps, n, side="out")
+    own_out = unit_owners(layer.out_members, m_out, maps, n, side="out")
     n_in = weight.shape[1]
-    own_in = _owners(layer.in_members, n_in, maps, n, side="in").repeat_interleave(kernel, dim=1)
+    own_in = unit_owners(layer.in_members, n_in, maps, n, side="in").repeat_interleave(kernel, dim=1)
     if bias is not None:
         own_in = torch.cat([own_in, torch.ones(n, 1, dtype=torch.bool)], 1)
     before = st.error(w0)
