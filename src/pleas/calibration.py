@@ -50,6 +50,3 @@ class Calibration:
 
     def __len__(self) -> int:
         return len(self._source)
-
-    def num_samples(self) -> int:
-        return sum(x.shape[0] for x in self)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .spec import Group, Member
 from .transform import GroupMap
 
 
@@ -61,8 +62,3 @@ def unit_owners(members: list[tuple[Group, Member]], size: int, maps: dict[str, 
         own = own.repeat_interleave(m.repeat, dim=1)
         owners[:, m.offset : m.offset + own.shape[1]] = own
     return owners
-
-
-def merged_width(width: int, k: int) -> int:
-    """m = 2d - k: the width of a group of two models after merging k pairs."""
-    return 2 * width - k

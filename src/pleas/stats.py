@@ -74,10 +74,7 @@ def tapped(model: nn.Module, nodes: list[str]) -> Iterator[nn.Module]:
     out = next(n for n in gm.graph.nodes if n.op == "output")
     out.args = ((out.args[0], {name: by_name[name] for name in nodes}),)
     gm.recompile()
-    try:
-        yield gm
-    finally:
-        del gm
+    yield gm
 
 
 def collect_moments(

@@ -121,9 +121,6 @@ class AxisSets:
     def origin(self, a: int) -> str:
         return self._origin[self.find(a)]
 
-    def width(self, a: int) -> int:
-        return self._width[self.find(a)]
-
     def groups(self, *, outputs: bool = False):
         """Yield (root, width, block, members, sites) for every set with members, in order: the
         permutable ones, or with ``outputs=True`` the output axes that touch no network input."""
