@@ -44,6 +44,7 @@ def merge(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     batch_size: int = 256,
+    budget_metric: str = "params",
     reset_norms: bool = True,
     progress: bool = True,
     **options: Any,
@@ -55,6 +56,7 @@ def merge(
         data: calibration inputs: a tensor (N, ...), a DataLoader, or an iterable of tensors or
             (inputs, labels) pairs.
         method: a registered method name (see ``pleas.methods.METHODS``).
+        budget_metric: ``"params"`` or ``"flops"`` (multiply-adds of Linear/Conv layers per sample).
         budget: merged size relative to one source model, counted in floating-point entries of the
             returned (dense) model's state dict, from 1 up to the dense size of the two models side
             by side, which exceeds 2 because dense layers hold the zero cross blocks (the report
@@ -74,7 +76,7 @@ def merge(
         raise MergeInputError(f"method {method!r} makes models of size at most {algo.max_budget:g}x; got budget={budget}")
     job = MergeJob.create(
         model_a, model_b, data, budget=budget, heads=heads, matching=matching, seed=seed, device=device,
-        dtype=dtype, batch_size=batch_size, reset_norms=reset_norms, progress=progress,
+        dtype=dtype, batch_size=batch_size, reset_norms=reset_norms, progress=progress, budget_metric=budget_metric,
     )
     if algo.uses_budget:
         job.check_budget()
@@ -87,21 +89,23 @@ def merge(
     t_finish = time.perf_counter()
     widths = {g.name: maps[g.name].width for g in job.spec}
     counts = {g.name: 2 * g.width - widths[g.name] for g in job.spec}
-    base = job.base_size()
+    base = job.base_size("params")
     zeros = zero_block_count(job.build_spec, job.state_dicts[0], job.full_maps(maps), len(job.models))
     report = {
         "method": method,
         "options": options,
         "budget": budget,
+        "budget_metric": budget_metric,
         "heads": heads,
         "matching": matching,
         "seed": seed,
         "size": {
             "source_params": model_param_count(model_a),
             "merged_params": model_param_count(model),
-            "relative_dense": job.size(widths) / base,
+            "relative_dense": job.size(widths, "params") / base,
             "effective_params": model_param_count(model) - zeros,
-            "relative_effective": (job.size(widths) - zeros) / base,
+            "relative_effective": (job.size(widths, "params") - zeros) / base,
+            "relative_flops": job.size(widths, "flops") / max(job.base_size("flops"), 1),
         },
         "groups": [
             {"name": g.name, "width": g.width, "merged_width": widths[g.name], "merge_count": counts[g.name]}

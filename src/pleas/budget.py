@@ -3,7 +3,10 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
+
 from .errors import MergeInputError
+from .size import SizeModel
 from .spec import PermutationSpec
 
 
@@ -34,3 +37,85 @@ def uniform_merge_counts(
         else:
             lo = mid
     return counts(hi)
+
+
+def allocate_merge_counts(
+    spec: PermutationSpec,
+    similarity: dict[str, torch.Tensor],
+    sizes: SizeModel,
+    metric: str,
+    target: float,
+    *,
+    steps: int = 64,
+    weights: dict[str, float] | None = None,
+) -> dict[str, int]:
+    """Choose every group's merge count k_g together: the least proxy loss whose size is <= target.
+
+    The proxy loss of merging the k most similar pairs of group g is w_g * sum_{i<k} (1 - s_g,(i)),
+    with s_g,(i) the pair similarities in decreasing order (ALGORITHM.md section 3). Starting from no
+    merge at all, a greedy marginal-cost rule repeatedly merges the next chunk of pairs (d_g / steps,
+    at least one) of the group whose added loss per unit of size saved is smallest, until the size
+    meets the target; the last step is then undone one pair at a time while the target still holds,
+    so each group is within one pair of the boundary. Deterministic (ties go to the earlier group).
+    The loss per group is convex in k (similarities sorted), which is what makes the greedy rule sound.
+    """
+    groups = list(spec)
+    weights = weights or {}
+    full = {g.name: g.width for g in groups}
+    if sizes.measure(metric, full) > target:
+        raise MergeInputError(
+            f"budget unreachable: merging every unit gives {sizes.measure(metric, full)} {metric}, more than the "
+            f"{int(target)} asked"
+        )
+    cost = {}
+    for g in groups:
+        s = torch.sort(similarity[g.name].double().clamp(-1, 1), descending=True).values
+        cost[g.name] = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(1 - s, 0)]) * weights.get(g.name, 1.0)
+    k = {g.name: 0 for g in groups}
+    widths = {g.name: 2 * g.width for g in groups}
+    current = sizes.measure(metric, widths)
+    last = None
+    while current > target:
+        best = None
+        for g in groups:
+            if k[g.name] == g.width:
+                continue
+            k2 = min(g.width, k[g.name] + max(1, g.width // steps))
+            saved = -sizes.change(metric, widths, g.name, 2 * g.width - k2)
+            if saved <= 0:
+                continue
+            ratio = float(cost[g.name][k2] - cost[g.name][k[g.name]]) / saved
+            if best is None or ratio < best[0]:
+                best = (ratio, g, k2)
+        if best is None:
+            break
+        _, g, k2 = best
+        current += sizes.change(metric, widths, g.name, 2 * g.width - k2)
+        k[g.name], widths[g.name] = k2, 2 * g.width - k2
+        last = g
+    while last is not None and k[last.name] > 0:  # undo the overshoot of the last chunk
+        step = sizes.change(metric, widths, last.name, widths[last.name] + 1)
+        if current + step > target:
+            break
+        current += step
+        k[last.name] -= 1
+        widths[last.name] += 1
+    return k
+
+
+def prefix_merge_counts(spec: PermutationSpec, sizes: SizeModel, metric: str, target: float) -> dict[str, int]:
+    """The ZipIt!-style schedule: merge the groups fully in graph order, keep the rest of both models,
+    and stop inside the group where the size crosses the target (so the budget is met to one pair)."""
+    k = {g.name: 0 for g in spec}
+    widths = {g.name: 2 * g.width for g in spec}
+    current = sizes.measure(metric, widths)
+    for g in spec:
+        while current > target and k[g.name] < g.width:
+            current += sizes.change(metric, widths, g.name, widths[g.name] - 1)
+            k[g.name] += 1
+            widths[g.name] -= 1
+        if current <= target:
+            break
+    if current > target:
+        raise MergeInputError(f"budget unreachable: merging every unit gives {current} {metric}, more than {int(target)}")
+    return k

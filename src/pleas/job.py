@@ -14,7 +14,7 @@ from .graph import build_spec
 from .heads import SeparateHeads
 from .plans import ensemble_map
 from .rebuild import build_model
-from .size import dense_param_count
+from .size import SizeModel
 from .spec import PermutationSpec
 from .stats import Moments, collect_moments
 from .transform import GroupMap, transform_state_dicts
@@ -36,6 +36,7 @@ class MergeJob:
     seed: int = 0
     reset_norms: bool = True
     progress: bool = True
+    budget_metric: str = "params"
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
     last_maps: dict[str, GroupMap] = field(default_factory=dict, repr=False)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -56,7 +57,12 @@ class MergeJob:
         batch_size: int,
         reset_norms: bool,
         progress: bool,
+        budget_metric: str = "params",
     ) -> "MergeJob":
+        from .size import METRICS
+
+        if budget_metric not in METRICS:
+            raise MergeInputError(f"budget_metric={budget_metric!r}; allowed: {METRICS}")
         if heads not in HEADS:
             raise MergeInputError(f"heads={heads!r}; allowed: {HEADS}")
         if matching not in MATCHINGS:
@@ -84,7 +90,7 @@ class MergeJob:
             raise MergeInputError("model_a and model_b have the same tensors but different graphs (forward differs)")
         if heads == "separate" and not spec.outputs:
             raise MergeInputError("heads='separate' needs an output layer of its own (e.g. a Linear classifier)")
-        return cls(models, spec, calib, float(budget), heads, matching, seed, reset_norms, progress)
+        return cls(models, spec, calib, float(budget), heads, matching, seed, reset_norms, progress, budget_metric)
 
     # --- cached statistics -----------------------------------------------------------------
     @property
@@ -127,18 +133,25 @@ class MergeJob:
                 maps[g.name] = ensemble_map(g.width, len(self.models))
         return maps
 
-    def size(self, widths: dict[str, int]) -> int:
-        """Dense size (floating entries) of the merged model for these group widths."""
-        spec = self.build_spec
-        full = dict(widths)
-        if self.heads == "separate":
-            full.update({g.name: len(self.models) * g.width for g in self.spec.outputs})
-        return dense_param_count(spec, self.state_dicts[0], full)
+    @property
+    def sizes(self) -> SizeModel:
+        """Exact sizes of the merged model as a function of group widths (separate heads: both kept)."""
+        if "sizes" not in self._cache:
+            extra = {g.name: len(self.models) * g.width for g in self.spec.outputs} if self.heads == "separate" else {}
+            self._cache["sizes"] = SizeModel(self.build_spec, self.state_dicts[0], extra)
+        return self._cache["sizes"]
 
-    def base_size(self) -> int:
-        """Size of one source model, plus the other sources' own heads when heads are separate, so
-        that ``budget`` measures the shared body."""
-        return self.size({g.name: g.width for g in self.spec})
+    def size(self, widths: dict[str, int], metric: str | None = None) -> int:
+        """Size of the merged model for these group widths, in ``metric`` (default: the budget's)."""
+        return self.sizes.measure(metric or self.budget_metric, widths)
+
+    def base_size(self, metric: str | None = None) -> int:
+        """Size of one source model (plus the other sources' heads when heads are separate, so that
+        ``budget`` measures the shared body)."""
+        return self.size({g.name: g.width for g in self.spec}, metric)
+
+    def target(self) -> float:
+        return self.budget * self.base_size()
 
     def max_budget(self) -> float:
         """The largest reachable size: every unit of every model kept (dense, zero blocks included)."""
@@ -149,7 +162,7 @@ class MergeJob:
         if self.budget > top * (1 + 1e-9):
             raise MergeInputError(
                 f"budget={self.budget:g} is out of range; reachable for this model: [1, {top:.4f}] "
-                "(dense size of the two models side by side)"
+                f"({self.budget_metric} of the two models side by side, dense)"
             )
 
     def build(self, maps: dict[str, GroupMap]) -> nn.Module:

@@ -19,16 +19,6 @@ def param_shape(spec: PermutationSpec, name: str, shape: tuple[int, ...], widths
     return tuple(new)
 
 
-def dense_param_count(spec: PermutationSpec, state_dict: dict[str, torch.Tensor], widths: dict[str, int]) -> int:
-    """Number of floating-point entries of the rewritten state dict (parameters and float buffers
-    such as BatchNorm statistics are both counted: they are what the saved file holds)."""
-    return sum(
-        math.prod(param_shape(spec, k, tuple(t.shape), widths))
-        for k, t in state_dict.items()
-        if t.dtype.is_floating_point
-    )
-
-
 def model_param_count(model: torch.nn.Module) -> int:
     """The same count on a built model: floating-point entries of its state dict."""
     return sum(t.numel() for t in model.state_dict().values() if t.dtype.is_floating_point)
@@ -55,3 +45,41 @@ def zero_block_count(
         shared = (own_out.T @ own_in) > 0  # (m_out, m_in): some model owns both
         total += int((~shared).sum()) * math.prod(shape[2:])
     return total
+
+
+METRICS = ("params", "flops")
+
+
+class SizeModel:
+    """Exact size of a rewritten model as a function of its group widths, without building it.
+
+    ``params``: floating-point entries of the state dict (the dense model actually returned).
+    ``flops``: multiply-adds of its Linear and Conv layers per sample, for the traced input shape.
+    ``extra_widths`` fixes the widths of groups that are not chosen (e.g. separate heads).
+    """
+
+    def __init__(self, spec: PermutationSpec, state_dict: dict[str, torch.Tensor], extra_widths: dict[str, int] | None = None):
+        self.spec = spec
+        self.shapes = {k: tuple(t.shape) for k, t in state_dict.items() if t.dtype.is_floating_point}
+        self.extra = dict(extra_widths or {})
+        self.touching: dict[str, list[str]] = {}
+        for key in self.shapes:
+            for g, _ in spec.members_of(key):
+                self.touching.setdefault(g.name, []).append(key)
+
+    def _cost(self, metric: str, key: str, widths: dict[str, int]) -> int:
+        numel = math.prod(param_shape(self.spec, key, self.shapes[key], {**self.extra, **widths}))
+        if metric == "params":
+            return numel
+        return numel * self.spec.positions.get(key, 0)
+
+    def measure(self, metric: str, widths: dict[str, int]) -> int:
+        if metric not in METRICS:
+            raise ValueError(f"budget_metric={metric!r}; allowed: {METRICS}")
+        return sum(self._cost(metric, key, widths) for key in self.shapes)
+
+    def change(self, metric: str, widths: dict[str, int], group: str, width: int) -> int:
+        """measure(widths with group at ``width``) - measure(widths), touching only that group's tensors."""
+        new = {**widths, group: width}
+        keys = dict.fromkeys(self.touching.get(group, []))
+        return sum(self._cost(metric, k, new) - self._cost(metric, k, widths) for k in keys)

@@ -96,6 +96,7 @@ class PermutationSpec:
         *,
         input_shape: tuple[int, ...] | None = None,
         outputs: list[Group] | None = None,
+        positions: dict[str, int] | None = None,
     ):
         names = [g.name for g in groups]
         if len(set(names)) != len(names):
@@ -103,6 +104,8 @@ class PermutationSpec:
         self.groups = list(groups)
         # The output axes (class axes): not permutable, but kept apart when heads are separate.
         self.outputs = list(outputs or [])
+        # Output positions per sample of each Linear/Conv weight (tokens, pixels): its FLOPs factor.
+        self.positions = dict(positions or {})
         self.input_shape = tuple(input_shape) if input_shape is not None else None
         self._by_name = {g.name: g for g in self.groups}
         self._by_param: dict[str, list[tuple[Group, Member]]] = {}
@@ -136,7 +139,7 @@ class PermutationSpec:
 
     def with_outputs(self) -> "PermutationSpec":
         """This spec with the output axes as ordinary groups (for separate heads, never merged)."""
-        return PermutationSpec(self.groups + self.outputs, input_shape=self.input_shape)
+        return PermutationSpec(self.groups + self.outputs, input_shape=self.input_shape, positions=self.positions)
 
     def random_permutations(self, seed: int = 0) -> dict[str, torch.Tensor]:
         """One random (block-respecting) permutation per group, reproducible from ``seed``."""
@@ -159,6 +162,7 @@ class PermutationSpec:
             "input_shape": list(self.input_shape) if self.input_shape else None,
             "groups": [asdict(g) for g in self.groups],
             "outputs": [asdict(g) for g in self.outputs],
+            "positions": self.positions,
         }
 
     @classmethod
@@ -178,6 +182,7 @@ class PermutationSpec:
             [group(g) for g in data["groups"]],
             input_shape=data.get("input_shape"),
             outputs=[group(g) for g in data.get("outputs", [])],
+            positions=data.get("positions", {}),
         )
 
     def to_json(self, path: str | Path | None = None) -> str:

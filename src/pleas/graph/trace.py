@@ -7,6 +7,7 @@ that names the op and where it sits in the model, never a silent skip.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -232,7 +233,23 @@ def build_spec(model: nn.Module, example_input: Any) -> PermutationSpec:
     modules = dict(gm.named_modules())
     for node in gm.graph.nodes:
         state.values[node] = _dispatch(state, node, modules)
-    return _collect(state, input_shape=tuple(inputs[0].shape))
+    spec = _collect(state, input_shape=tuple(inputs[0].shape))
+    spec.positions = _layer_positions(gm, modules, batch=inputs[0].shape[0])
+    return spec
+
+
+def _layer_positions(gm: fx.GraphModule, modules: dict, batch: int) -> dict[str, int]:
+    """Output positions per sample of every Linear/Conv weight: its multiply-adds are this times its size."""
+    out = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(modules[node.target], (nn.Linear, nn.modules.conv._ConvNd)):
+            continue
+        meta = node.meta.get("tensor_meta")
+        module = modules[node.target]
+        units = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+        if meta is not None and hasattr(meta, "shape"):
+            out[f"{node.target}.weight"] = out.get(f"{node.target}.weight", 0) + math.prod(meta.shape) // (batch * units)
+    return out
 
 
 def _dispatch(state: _TraceState, node: fx.Node, modules: dict[str, nn.Module]) -> Any:

@@ -35,8 +35,8 @@ class PLeaS(Rebasin):
 
     def __init__(self, *, ridge: float = 1e-2, mask: bool = True, refit: str = "exact", oversample: int = 8,
                  adam_steps: int = 300, adam_lr: float = 1e-3, fold_bn: bool = False, inputs: str = "propagated",
-                 merge_counts=None):
-        super().__init__(merge_counts=merge_counts)
+                 merge_counts=None, allocation: str | None = None):
+        super().__init__(merge_counts=merge_counts, allocation=allocation)
         from ..errors import MergeInputError
 
         if refit not in ("exact", "adam"):

@@ -1,12 +1,15 @@
 """``rebasin``: Git Re-Basin. Align B to A (weight or activation matching), then average (1x).
 
 Above 1x it merges only the most similar pairs of each group and keeps the rest of both models
-(PLeaS's partial merge, without the least-squares refit): one merge fraction for every group, the
-least merging that meets the budget, unless ``merge_counts`` (k_g per group) is given.
+(PLeaS's partial merge, without the least-squares refit). ``allocation="uniform"``: one merge
+fraction for every group, the least merging that meets the budget; ``"greedy"``: every group's k_g
+chosen together to lose the least similarity per unit of size (:func:`pleas.budget.allocate_merge_counts`);
+``"prefix"``: ZipIt!'s schedule, whole groups merged in graph order until the budget is met;
+or ``merge_counts`` (k_g per group) given directly.
 """
 from __future__ import annotations
 
-from ..budget import uniform_merge_counts
+from ..budget import allocate_merge_counts, prefix_merge_counts, uniform_merge_counts
 from ..errors import MergeInputError
 from ..plans import partial_merge_map
 from .registry import MergeMethod, register_method
@@ -16,8 +19,14 @@ from .registry import MergeMethod, register_method
 class Rebasin(MergeMethod):
     name = "rebasin"
 
-    def __init__(self, *, merge_counts: dict[str, int] | None = None):
+    allocation_default = "uniform"
+
+    def __init__(self, *, merge_counts: dict[str, int] | None = None, allocation: str | None = None):
+        allocation = allocation or self.allocation_default
+        if allocation not in ("uniform", "greedy", "prefix"):
+            raise MergeInputError(f"allocation={allocation!r}; allowed: 'uniform', 'greedy', 'prefix'")
         self.merge_counts = merge_counts
+        self.allocation = allocation
 
     def plan(self, job):
         matching = job.match()
@@ -31,7 +40,12 @@ class Rebasin(MergeMethod):
         if self.merge_counts is None:
             if job.budget == 1.0:
                 return {g.name: g.width for g in job.spec}
-            return uniform_merge_counts(job.spec, job.size, job.budget * job.base_size())
+            if self.allocation == "greedy":
+                similarity = job.match().similarity
+                return allocate_merge_counts(job.spec, similarity, job.sizes, job.budget_metric, job.target())
+            if self.allocation == "prefix":
+                return prefix_merge_counts(job.spec, job.sizes, job.budget_metric, job.target())
+            return uniform_merge_counts(job.spec, job.size, job.target())
         names = {g.name: g for g in job.spec}
         unknown = sorted(set(self.merge_counts) - set(names))
         if unknown:

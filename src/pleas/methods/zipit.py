@@ -38,7 +38,7 @@ class ZipIt(MergeMethod):
         """The fewest leading groups to zip so that the dense size is within the budget."""
         groups = list(job.spec)
         n = len(job.models)
-        target = job.budget * job.base_size()
+        target = job.target()
         for depth in range(len(groups) + 1):
             widths = {g.name: g.width if i < depth else n * g.width for i, g in enumerate(groups)}
             if job.size(widths) <= target * (1 + 1e-9):
