@@ -10,28 +10,17 @@ import time
 import torch
 
 import pleas
-from pleas.experiments import architectures, data, train
+from pleas.demo import ARCHS, source_models
+from pleas.experiments import train
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--arch", default="mlp", choices=["mlp", "resnet20"])
+parser.add_argument("--arch", default="mlp", choices=sorted(ARCHS))
 parser.add_argument("--calibration", type=int, default=1000)
 args = parser.parse_args()
 
-res = 28 if args.arch == "mlp" else 16
-kwargs = {"in_features": res * res, "num_classes": 5, "hidden": 128, "depth": 3} if args.arch == "mlp" else {
-    "in_channels": 1, "num_classes": 5, "width": 1}
-epochs = 20 if args.arch == "mlp" else 8
-tasks = {"A": [0, 1, 2, 3, 4], "B": [5, 6, 7, 8, 9]}
-models, tests, trains = {}, {}, {}
-for (name, classes), seed in zip(tasks.items(), (0, 1)):
-    trains[name] = data.load("mnist", split="train", classes=classes, resolution=res)
-    tests[name] = data.load("mnist", split="test", classes=classes, resolution=res)
-    key = {"arch": args.arch, "kwargs": kwargs, "classes": classes, "seed": seed, "epochs": epochs, "res": res}
-    models[name] = train.cached_model(
-        key,
-        lambda seed=seed: architectures.create(args.arch, seed=seed, **kwargs),
-        lambda m, ds=trains[name], seed=seed: train.train_classifier(m, ds, seed=seed, epochs=epochs, progress=False),
-    )
+config = ARCHS[args.arch]
+models, trains, tests = source_models(config, config.epochs, print)
+tasks = list(models)
 g = torch.Generator().manual_seed(0)
 calib = torch.cat([trains[n].x[torch.randperm(len(trains[n]), generator=g)[: args.calibration // 2]] for n in tasks])
 

@@ -11,27 +11,19 @@ import time
 import torch
 
 import pleas
-from pleas.experiments import architectures, data, train
+from pleas.demo import ARCHS, source_models
+from pleas.experiments import train
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--arch", default="resnet20")
+parser.add_argument("--arch", default="resnet20", choices=sorted(ARCHS))
 parser.add_argument("--budgets", default="1.0,1.5")
 parser.add_argument("--calibration", type=int, default=1000)
 args = parser.parse_args()
-res = 16 if args.arch == "resnet20" else 28
-kwargs = {"in_channels": 1, "num_classes": 5, "width": 1} if args.arch == "resnet20" else {
-    "in_features": 784, "num_classes": 5, "hidden": 128, "depth": 3}
-epochs = 8 if args.arch == "resnet20" else 20
-models, tests, trains = [], [], []
-for classes, seed in (([0, 1, 2, 3, 4], 0), ([5, 6, 7, 8, 9], 1)):
-    tr = data.load("mnist", split="train", classes=classes, resolution=res)
-    trains.append(tr)
-    tests.append(data.load("mnist", split="test", classes=classes, resolution=res))
-    key = {"arch": args.arch, "kwargs": kwargs, "classes": classes, "seed": seed, "epochs": epochs, "res": res}
-    models.append(train.cached_model(key, lambda s=seed: architectures.create(args.arch, seed=s, **kwargs),
-                                     lambda m, ds=tr, s=seed: train.train_classifier(m, ds, seed=s, epochs=epochs, progress=False)))
+config = ARCHS[args.arch]
+sources, trains, tests = source_models(config, config.epochs, print)
+models, tests = [sources["A"], sources["B"]], [tests["A"], tests["B"]]
 g = torch.Generator().manual_seed(0)
-calib = torch.cat([t.x[torch.randperm(len(t), generator=g)[: args.calibration // 2]] for t in trains])
+calib = torch.cat([t.x[torch.randperm(len(t), generator=g)[: args.calibration // 2]] for t in trains.values()])
 
 variants = {
     "ridge 1e-4": {"ridge": 1e-4, "inputs": "teacher"},

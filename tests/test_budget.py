@@ -109,3 +109,14 @@ def test_merge_with_flops_budget_and_greedy_allocation():
         pleas.merge(a, b, x, method="rebasin", budget_metric="bytes", progress=False)
     with pytest.raises(pleas.MergeInputError, match="allocation='best'; allowed"):
         pleas.merge(a, b, x, method="rebasin", allocation="best", progress=False)
+
+
+def test_merge_fraction_plot_is_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    from pleas.plots import plot_merge_fractions
+
+    torch.manual_seed(0)
+    a, b = randomise_norm_stats(VGGBN(), 0), randomise_norm_stats(VGGBN(), 1)
+    r = pleas.merge(a, b, torch.randn(32, 3, 16, 16), method="rebasin", budget=1.3, allocation="greedy", progress=False)
+    path = plot_merge_fractions(r, tmp_path / "fractions.png")
+    assert path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"

@@ -108,11 +108,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
     model_b = load_model(args.arch, args.kwargs, args.model_b)
     data = load_calibration(args.data, args.samples, seed=args.seed)
     result = merge(
-        model_a, model_b, data, method=method, budget=args.budget, heads=args.heads, matching=args.matching,
+        model_a, model_b, data, method=method, budget=args.budget, budget_metric=args.budget_metric,
+        heads=args.heads, matching=args.matching,
         seed=args.seed, batch_size=args.batch_size, progress=sys.stderr.isatty(), **args.options,
     )
     info = {"arch": args.arch, "kwargs": args.kwargs}
     save_merged(result, args.out, args.report, info=info)
+    if args.plot:
+        from .plots import plot_merge_fractions
+
+        plot_merge_fractions(result, args.plot)
     groups = result.report.get("groups", [])
     src_units = sum(g["width"] for g in groups)
     new_units = sum(g["merged_width"] for g in groups)
@@ -125,7 +130,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         print(f"widths   {len(groups)} groups, {new_units} units from {src_units} per source "
               f"(per group {min(ratios):.2f}x to {max(ratios):.2f}x)")
     print(f"calib    {data.shape[0]} samples of shape {tuple(data.shape[1:])}")
-    print(f"wrote    {args.out}" + (f" and {args.report}" if args.report else ""))
+    print(f"wrote    {args.out}" + (f" and {args.report}" if args.report else "") + (f" and {args.plot}" if args.plot else ""))
     print(f"seconds  {time.perf_counter() - start:.2f} (merge {result.report.get('seconds', {}).get('total', 0):.2f})")
     return 0
 
@@ -181,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=256, help="calibration batch size (default 256)")
     p.add_argument("--out", required=True, help="where to write the merged model (.safetensors)")
     p.add_argument("--report", help="also write the JSON report (sizes, widths, timings) here")
+    p.add_argument("--plot", help="also save a bar chart of each group's merged fraction here (.png; needs matplotlib)")
+    p.add_argument("--budget-metric", choices=("params", "flops"), default="params",
+                   help="what the budget counts: dense parameters or Linear/Conv multiply-adds (default params)")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser(
