@@ -31,15 +31,18 @@ QUICK_METHODS = ("ensemble", "rebasin", "pleas")
 @dataclass(frozen=True)
 class ArchConfig:
     name: str
-    resolution: int
+    resolution: int | None
     kwargs: dict
     epochs: int
     quick_epochs: int
+    dataset: str = "mnist"
 
 
 ARCHS = {
     "resnet20": ArchConfig("resnet20", 16, {"in_channels": 1, "num_classes": 5, "width": 1}, 8, 2),
     "mlp": ArchConfig("mlp", 28, {"in_features": 784, "num_classes": 5, "hidden": 128, "depth": 3}, 20, 1),
+    # Not MNIST images: procedurally generated 1-D signals (the mnist1d package), classes 0-4 vs 5-9.
+    "cnn1d": ArchConfig("cnn1d", None, {"num_classes": 5, "width": 32}, 20, 2, dataset="mnist1d"),
 }
 
 
@@ -138,10 +141,12 @@ def source_models(config: ArchConfig, epochs: int, log: Callable[[str], None]):
     models, trains, tests = {}, {}, {}
     for task, classes in TASKS.items():
         seed = SEEDS[task]
-        trains[task] = data.load("mnist", split="train", classes=list(classes), resolution=config.resolution)
-        tests[task] = data.load("mnist", split="test", classes=list(classes), resolution=config.resolution)
+        trains[task] = data.load(config.dataset, split="train", classes=list(classes), resolution=config.resolution)
+        tests[task] = data.load(config.dataset, split="test", classes=list(classes), resolution=config.resolution)
         key = {"arch": config.name, "kwargs": config.kwargs, "classes": list(classes), "seed": seed,
                "epochs": epochs, "res": config.resolution}
+        if config.dataset != "mnist":
+            key["dataset"] = config.dataset
         if not train.model_path(key).exists():
             log(f"training model {task} ({config.name}, digits {classes[0]}-{classes[-1]}, seed {seed}, "
                 f"{epochs} epochs); cached for later runs")
