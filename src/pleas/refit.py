@@ -170,12 +170,7 @@ def refit(
     report = RefitReport()
     n_batches = max(len(batches), 1) if hasattr(batches, "__len__") else 1
     if options.inputs == "propagated":
-        from .norms import reset_batchnorm_stats
-
-        for layer in layers:  # graph order: every layer sees what the refitted layers before it produce
-            reset_batchnorm_stats(merged, batches, progress=False)
-            stats = _collect(sources, [layer], maps, batches, n_batches, params, options, merged=merged)
-            report.layers.append(_solve_into(layer, stats[layer.name], params, maps, len(sources), options))
+        report.layers = _refit_propagated(sources, merged, layers, maps, batches, n_batches, params, options)
         return report
     for chunk in _chunks(layers, params, options.max_gram_bytes):
         stats = _collect(sources, chunk, maps, batches, n_batches, params, options)
@@ -204,47 +199,121 @@ def _chunks(layers: list[Layer], params: dict, limit: int):
         yield chunk
 
 
-def _collect(sources, layers, maps, batches, n_batches, params, options, merged=None) -> dict[str, LayerStats]:
-    """Stream every layer's G and C. Inputs are the permuted ensemble's (teacher forcing) or, given
-    ``merged``, that model's own activations at the layer's input."""
+def _empty_stats(layer: Layer, params: dict) -> LayerStats:
+    p = _weight_columns(layer, params)
+    m_out = params[f"{layer.name}.weight"].shape[0]
+    return LayerStats(torch.zeros(p, p, dtype=torch.float64), torch.zeros(p, m_out, dtype=torch.float64))
+
+
+def _row_limit(stats: LayerStats, options: RefitOptions, n_batches: int) -> int:
+    return math.ceil(max(options.oversample * stats.gram.shape[0], options.min_rows) / n_batches)
+
+
+def _collect(sources, layers, maps, batches, n_batches, params, options) -> dict[str, LayerStats]:
+    """Stream every layer's G and C on the permuted ensemble's inputs and outputs (teacher forcing)."""
     nodes = sorted({n for layer in layers for n in (layer.in_node, layer.out_node)})
-    stats: dict[str, LayerStats] = {}
-    for layer in layers:
-        p = _weight_columns(layer, params)
-        m_out = params[f"{layer.name}.weight"].shape[0]
-        stats[layer.name] = LayerStats(torch.zeros(p, p, dtype=torch.float64), torch.zeros(p, m_out, dtype=torch.float64))
+    stats = {layer.name: _empty_stats(layer, params) for layer in layers}
     gen = torch.Generator().manual_seed(options.seed)
     with ExitStack() as stack, torch.no_grad():
         runs = [stack.enter_context(tapped(m, nodes)) for m in sources]
-        own = stack.enter_context(tapped(merged, [layer.in_node for layer in layers])) if merged is not None else None
         for x in tqdm(batches, desc="least-squares statistics", disable=not options.progress, leave=False):
             taps = [run(x)[1] for run in runs]
-            own_taps = own(x)[1] if own is not None else None
             for layer in layers:
                 st = stats[layer.name]
-                rows = max(options.oversample * st.gram.shape[0], options.min_rows)
-                xs = [own_taps[layer.in_node]] if own_taps is not None else [t[layer.in_node] for t in taps]
-                xr, yr, blocks = _rows(layer, xs, [t[layer.out_node] for t in taps], maps,
-                                       math.ceil(rows / n_batches), gen, bias=f"{layer.name}.bias" in params,
-                                       merged_inputs=own_taps is not None)
+                xr, yr, blocks = _rows(layer, [t[layer.in_node] for t in taps], [t[layer.out_node] for t in taps],
+                                       maps, _row_limit(st, options, n_batches), gen,
+                                       bias=f"{layer.name}.bias" in params)
                 st.update(xr, yr, blocks)
     return stats
 
 
-def _rows(layer: Layer, xs: list, ys: list, maps, limit: int, gen: torch.Generator, *, bias: bool,
-          merged_inputs: bool = False):
+def _refit_propagated(sources, merged, layers, maps, batches, n_batches, params, options) -> list[dict]:
+    """Fit layers in graph order, each on the activations the merged model (with the layers before it
+    refitted and its BatchNorm statistics recomputed) produces at its input.
+
+    The targets Y~ do not depend on the merged model, so one pass over the source models picks every
+    layer's samples and keeps their targets; after that each layer costs two passes of the merged
+    model truncated at the layer's input (statistics, then inputs), never of the sources.
+    """
+    from .norms import reset_batchnorm_stats
+
+    gen = torch.Generator().manual_seed(options.seed)
+    picks: dict[str, list] = {layer.name: [] for layer in layers}
+    targets: dict[str, list] = {layer.name: [] for layer in layers}
+    limits = {layer.name: _row_limit(_empty_stats(layer, params), options, n_batches) for layer in layers}
+    with ExitStack() as stack, torch.no_grad():
+        runs = [stack.enter_context(tapped(m, sorted({layer.out_node for layer in layers}))) for m in sources]
+        for x in tqdm(batches, desc="least-squares targets", disable=not options.progress, leave=False):
+            taps = [run(x)[1] for run in runs]
+            for layer in layers:
+                ys = [t[layer.out_node] for t in taps]
+                pick = _pick(layer, ys[0].shape, limits[layer.name], gen)
+                picks[layer.name].append(pick)
+                targets[layer.name].append(_targets(layer, ys, pick, maps))
+    entries = []
+    for layer in tqdm(layers, desc="least-squares refit", disable=not options.progress, leave=False):
+        prefix = _truncated(merged, layer.in_node)
+        reset_batchnorm_stats(prefix, batches, progress=False)
+        st = _empty_stats(layer, params)
+        with torch.no_grad():
+            for i, x in enumerate(batches):
+                xr, blocks = _inputs(layer, [prefix(x)], picks[layer.name][i], maps,
+                                     bias=f"{layer.name}.bias" in params, merged=True)
+                st.update(xr, targets[layer.name][i], blocks)
+        entries.append(_solve_into(layer, st, params, maps, len(sources), options))
+        del picks[layer.name], targets[layer.name]
+    return entries
+
+
+def _truncated(model: nn.Module, node: str) -> fx.GraphModule:
+    """``model``'s graph cut after ``node``, returning that node's value. It shares the model's
+    modules (so BatchNorm statistics recomputed through it land in the model)."""
+    gm = trace_graph(model)
+    target = next(n for n in gm.graph.nodes if n.name == node)
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    out.args = (target,)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+def _rows(layer: Layer, xs: list, ys: list, maps, limit: int, gen: torch.Generator, *, bias: bool):
     """Design rows (samples, P) and targets (samples, m_out) of the permuted ensemble, float32, at
-    most ``limit`` seeded random samples. Samples are picked first and combined after (the merge is
-    linear along the units), so the full activations are never converted."""
+    most ``limit`` seeded random samples, and the row blocks of a conv (see :func:`_tap_blocks`)."""
+    pick = _pick(layer, ys[0].shape, limit, gen)
+    x, blocks = _inputs(layer, xs, pick, maps, bias=bias)
+    return x, _targets(layer, ys, pick, maps), blocks
+
+
+def _pick(layer: Layer, out_shape: tuple, limit: int, gen: torch.Generator):
+    """Seeded random samples of a layer's output: conv positions (batch, row, col), or Linear rows."""
+    if layer.is_conv:
+        shape = (out_shape[0], out_shape[1], 1, out_shape[2]) if len(out_shape) == 3 else out_shape
+        return _positions(shape, limit, gen)
+    n = math.prod(out_shape[:-1])
+    return torch.randperm(n, generator=gen)[:limit] if n > limit else torch.arange(n)
+
+
+def _targets(layer: Layer, ys: list, pick, maps) -> torch.Tensor:
+    """Y~ at the picked samples: (samples, m_out), float32."""
+    if layer.is_conv:
+        ys = [y.unsqueeze(2) if y.dim() == 3 else y for y in ys]
+        rows = [y[pick[0], :, pick[1], pick[2]] for y in ys]
+    else:
+        rows = [y.reshape(-1, y.shape[-1])[pick] for y in ys]
+    return combine_activations(rows, -1, layer.out_members, maps, torch.float32)
+
+
+def _inputs(layer: Layer, xs: list, pick, maps, *, bias: bool, merged: bool = False):
+    """X~ at the picked samples (samples, P) float32, and a conv's row blocks. Samples are picked
+    before the source models' copies are combined (the merge is linear along the units), so full
+    activations are combined only when the patches would repeat their entries anyway. With
+    ``merged``, ``xs`` holds the merged model's own activation, already in the merged layout."""
     if layer.is_conv:
         xs = [x.unsqueeze(2) if x.dim() == 3 else x for x in xs]  # Conv1d as a Conv2d of height 1
-        ys = [y.unsqueeze(2) if y.dim() == 3 else y for y in ys]
-        pick = _positions(ys[0].shape, limit, gen)
-        yr = [y[pick[0], :, pick[1], pick[2]] for y in ys]  # (P, m_out)
-        if merged_inputs:
+        if merged:
             x = _patches(layer.module, xs[0], pick)
         elif len(pick[0]) * math.prod(layer.module.kernel_size) >= xs[0][:, 0].numel():
-            # the patches would repeat entries: combine the whole activation once, then cut patches
             x = _patches(layer.module, combine_activations(xs, 1, layer.in_members, maps, torch.float32), pick)
         else:
             x = combine_activations([_patches(layer.module, x, pick) for x in xs], 1, layer.in_members, maps,
@@ -253,16 +322,11 @@ def _rows(layer: Layer, xs: list, ys: list, maps, limit: int, gen: torch.Generat
         x = x.flatten(1)
     else:
         blocks = None
-        flat = [x.reshape(-1, x.shape[-1]) for x in xs]
-        idx = torch.randperm(flat[0].shape[0], generator=gen)[:limit] if flat[0].shape[0] > limit else None
-        xr = [f if idx is None else f[idx] for f in flat]
-        yr = [y.reshape(-1, y.shape[-1]) for y in ys]
-        yr = [f if idx is None else f[idx] for f in yr]
-        x = xr[0] if merged_inputs else combine_activations(xr, -1, layer.in_members, maps, torch.float32)
-    y = combine_activations(yr, -1, layer.out_members, maps, torch.float32)
+        rows = [x.reshape(-1, x.shape[-1])[pick] for x in xs]
+        x = rows[0] if merged else combine_activations(rows, -1, layer.in_members, maps, torch.float32)
     if bias:
         x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
-    return x.float(), y, blocks
+    return x.float(), blocks
 
 
 def _positions(out_shape: tuple, limit: int, gen: torch.Generator):
