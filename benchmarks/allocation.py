@@ -59,7 +59,7 @@ for arch in args.archs.split(","):
     g = torch.Generator().manual_seed(0)
     calib = torch.cat([trains[t].x[torch.randperm(len(trains[t]), generator=g)[: args.calibration // 2]] for t in trains])
     for budget in [float(b) for b in args.budgets.split(",")]:
-        for allocation in ("uniform", "prefix", "greedy"):
+        for allocation in ("uniform", "prefix", "greedy", "measured"):
             start = time.perf_counter()
             r = pleas.merge(models["A"], models["B"], calib, method=args.method, budget=budget,
                             heads="shared" if shared else "separate",

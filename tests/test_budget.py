@@ -104,6 +104,9 @@ def test_merge_with_flops_budget_and_greedy_allocation():
     x = torch.randn(32, 3, 16, 16)
     r = pleas.merge(a, b, x, method="rebasin", budget=1.4, budget_metric="flops", allocation="greedy", progress=False)
     assert r.report["size"]["relative_flops"] <= 1.4 + 1e-9
+    m = pleas.merge(a, b, x, method="rebasin", budget=1.4, allocation="measured", heads="separate", progress=False)
+    assert m.report["size"]["relative_dense"] <= 1.4 + 1e-9
+    assert m.merge_counts != r.merge_counts
     assert r.report["budget_metric"] == "flops"
     with pytest.raises(pleas.MergeInputError, match="budget_metric='bytes'; allowed"):
         pleas.merge(a, b, x, method="rebasin", budget_metric="bytes", progress=False)

@@ -124,3 +124,31 @@ def prefix_merge_counts(spec: PermutationSpec, sizes: SizeModel, metric: str, ta
     if current > target:
         raise MergeInputError(f"budget unreachable: merging every unit gives {current} {metric}, more than {int(target)}")
     return k
+
+
+def group_sensitivity(job, matching, *, max_batches: int = 2) -> dict[str, float]:
+    """Measured weight of each group for :func:`allocate_merge_counts`: with every other group kept
+    apart (the exact ensemble), merge all of group g's pairs and measure the relative squared change
+    of the model's outputs on a few calibration batches, spread over g's pairs by their
+    dissimilarity: w_g = change_g / sum_i (1 - s_g,i). One model build and forward per group."""
+    from .plans import ensemble_map, partial_merge_map
+
+    n = len(job.models)
+    batches = [x for _, x in zip(range(max_batches), job.data)]
+    apart = {g.name: ensemble_map(g.width, n) for g in job.spec}
+
+    def outputs(maps):
+        model = job.build(maps)
+        with torch.no_grad():
+            outs = [model(x) for x in batches]
+        return torch.cat([torch.cat(o, -1) if isinstance(o, tuple) else o for o in outs]).double()
+
+    reference = outputs(apart)
+    scale = float((reference - reference.mean(0)).pow(2).mean()) or 1.0
+    weights = {}
+    for g in job.spec:
+        perm, sim = matching.perms[g.name], matching.similarity[g.name]
+        change = float((outputs({**apart, g.name: partial_merge_map(perm, sim, g.width)}) - reference).pow(2).mean())
+        total = float((1 - sim.double().clamp(-1, 1)).sum()) or 1.0
+        weights[g.name] = change / scale / total
+    return weights

@@ -4,15 +4,19 @@ Above 1x it merges only the most similar pairs of each group and keeps the rest 
 (PLeaS's partial merge, without the least-squares refit). ``allocation="uniform"``: one merge
 fraction for every group, the least merging that meets the budget; ``"greedy"``: every group's k_g
 chosen together to lose the least similarity per unit of size (:func:`pleas.budget.allocate_merge_counts`);
-``"prefix"``: ZipIt!'s schedule, whole groups merged in graph order until the budget is met;
+``"measured"``: the same with each group's weight measured as the output change when that group alone
+is fully merged; ``"prefix"``: ZipIt!'s schedule, whole groups merged in graph order until the budget is met;
 or ``merge_counts`` (k_g per group) given directly.
 """
 from __future__ import annotations
 
-from ..budget import allocate_merge_counts, prefix_merge_counts, uniform_merge_counts
+from ..budget import allocate_merge_counts, group_sensitivity, prefix_merge_counts, uniform_merge_counts
 from ..errors import MergeInputError
 from ..plans import partial_merge_map
 from .registry import MergeMethod, register_method
+
+
+ALLOCATIONS = ("uniform", "greedy", "measured", "prefix")
 
 
 @register_method
@@ -23,8 +27,8 @@ class Rebasin(MergeMethod):
 
     def __init__(self, *, merge_counts: dict[str, int] | None = None, allocation: str | None = None):
         allocation = allocation or self.allocation_default
-        if allocation not in ("uniform", "greedy", "prefix"):
-            raise MergeInputError(f"allocation={allocation!r}; allowed: 'uniform', 'greedy', 'prefix'")
+        if allocation not in ALLOCATIONS:
+            raise MergeInputError(f"allocation={allocation!r}; allowed: {ALLOCATIONS}")
         self.merge_counts = merge_counts
         self.allocation = allocation
 
@@ -40,9 +44,11 @@ class Rebasin(MergeMethod):
         if self.merge_counts is None:
             if job.budget == 1.0:
                 return {g.name: g.width for g in job.spec}
-            if self.allocation == "greedy":
-                similarity = job.match().similarity
-                return allocate_merge_counts(job.spec, similarity, job.sizes, job.budget_metric, job.target())
+            if self.allocation in ("greedy", "measured"):
+                matching = job.match()
+                weights = group_sensitivity(job, matching) if self.allocation == "measured" else None
+                return allocate_merge_counts(job.spec, matching.similarity, job.sizes, job.budget_metric,
+                                             job.target(), weights=weights)
             if self.allocation == "prefix":
                 return prefix_merge_counts(job.spec, job.sizes, job.budget_metric, job.target())
             return uniform_merge_counts(job.spec, job.size, job.target())
