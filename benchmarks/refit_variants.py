@@ -26,22 +26,22 @@ g = torch.Generator().manual_seed(0)
 calib = torch.cat([t.x[torch.randperm(len(t), generator=g)[: args.calibration // 2]] for t in trains.values()])
 
 variants = {
-    "ridge 1e-4": {"ridge": 1e-4, "inputs": "teacher"},
-    "ridge 1e-2": {"ridge": 1e-2, "inputs": "teacher"},
-    "ridge 1e-1": {"ridge": 1e-1, "inputs": "teacher"},
-    "no mask": {"mask": False, "inputs": "teacher"},
-    "adam 300": {"refit": "adam", "inputs": "teacher"},
-    "teacher": {"inputs": "teacher"},
-    "propagated": {"inputs": "propagated"},
-    "propagated r1e-2": {"inputs": "propagated", "ridge": 1e-2},
-    "bn folded": {"fold_bn": True, "inputs": "teacher"},
-    "bn folded, prop.": {"fold_bn": True, "inputs": "propagated"},
+    "teacher, ridge 1e-4": {"inputs": "teacher", "ridge": 1e-4},
+    "teacher, ridge 1e-3": {"inputs": "teacher", "ridge": 1e-3},
+    "teacher, ridge 1e-2": {"inputs": "teacher", "ridge": 1e-2},
+    "teacher, ridge 1e-1": {"inputs": "teacher", "ridge": 1e-1},
+    "teacher, no mask": {"inputs": "teacher", "mask": False},
+    "teacher, adam 300": {"inputs": "teacher", "refit": "adam"},
+    "teacher, bn folded": {"inputs": "teacher", "fold_bn": True},
+    "propagated, ridge 1e-3": {"inputs": "propagated", "ridge": 1e-3},
+    "propagated, ridge 1e-2": {"inputs": "propagated", "ridge": 1e-2},
+    "propagated, bn folded": {"inputs": "propagated", "fold_bn": True},
 }
-print(f"{'variant':18s} {'budget':>6s} {'acc A':>6s} {'acc B':>6s} {'mean':>6s} {'sec':>6s}")
+print(f"{'variant':24s} {'budget':>6s} {'acc A':>6s} {'acc B':>6s} {'mean':>6s} {'sec':>6s}")
 for budget in [float(b) for b in args.budgets.split(",")]:
     for name, opts in variants.items():
         start = time.perf_counter()
         r = pleas.merge(*models, calib, method="pleas", budget=budget, heads="separate", progress=False, **opts)
         sec = time.perf_counter() - start
         acc = [train.evaluate(r.model, t, output_index=i) for i, t in enumerate(tests)]
-        print(f"{name:18s} {budget:6.2f} {acc[0]:6.3f} {acc[1]:6.3f} {sum(acc) / 2:6.3f} {sec:6.2f}", flush=True)
+        print(f"{name:24s} {budget:6.2f} {acc[0]:6.3f} {acc[1]:6.3f} {sum(acc) / 2:6.3f} {sec:6.2f}", flush=True)
