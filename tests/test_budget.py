@@ -72,12 +72,15 @@ def test_every_budget_is_met_within_one_pair(resnet_pair, metric):
                 assert size + slack > target or not any(k.values()), (allocate, budget)
 
 
-def test_greedy_merges_the_most_similar_groups_first():
+def _vgg_sizes():
     torch.manual_seed(0)
     model = VGGBN(width=8)
-    x = torch.randn(2, 3, 16, 16)
-    spec = pleas.build_spec(model, x)
-    sizes = SizeModel(spec, model.state_dict())
+    spec = pleas.build_spec(model, torch.randn(2, 3, 16, 16))
+    return spec, SizeModel(spec, model.state_dict())
+
+
+def test_greedy_merges_the_most_similar_groups_first():
+    spec, sizes = _vgg_sizes()
     sim = {g.name: torch.full((g.width,), 0.1) for g in spec}
     sim["classifier.1"] = torch.full((32,), 0.99)  # nearly free to merge
     base = sizes.measure("params", {g.name: g.width for g in spec})
@@ -88,11 +91,7 @@ def test_greedy_merges_the_most_similar_groups_first():
 
 
 def test_infeasible_targets_are_refused():
-    torch.manual_seed(0)
-    model = VGGBN(width=8)
-    x = torch.randn(2, 3, 16, 16)
-    spec = pleas.build_spec(model, x)
-    sizes = SizeModel(spec, model.state_dict())
+    spec, sizes = _vgg_sizes()
     base = sizes.measure("params", {g.name: g.width for g in spec})
     with pytest.raises(pleas.MergeInputError, match="budget unreachable"):
         allocate_merge_counts(spec, {g.name: torch.ones(g.width) for g in spec}, sizes, "params", 0.5 * base)
