@@ -1,7 +1,6 @@
 """Size accounting and merge-count allocation under a budget."""
 import pytest
 import torch
-from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import pleas
@@ -61,7 +60,7 @@ def test_every_budget_is_met_within_one_pair(resnet_pair, metric):
             elif allocate == "prefix":
                 k = prefix_merge_counts(spec, sizes, metric, target)
             else:
-                k = uniform_merge_counts(spec, lambda w: sizes.measure(metric, w), target)
+                k = uniform_merge_counts(spec, sizes, metric, target)
             widths = {g.name: 2 * g.width - k[g.name] for g in spec}
             size = sizes.measure(metric, widths)
             assert size <= target * (1 + 1e-12), (allocate, budget)

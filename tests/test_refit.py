@@ -7,7 +7,7 @@ from torch import nn
 import pleas
 from conftest import assert_close
 from pleas.calibration import Calibration
-from pleas.plans import ensemble_map, partial_merge_map
+from pleas.plans import partial_merge_map
 from pleas.refit import RefitOptions, refit
 from toy_models import MLP, VGGBN, randomise_norm_stats
 

@@ -85,12 +85,12 @@ def merge(
     t_plan = time.perf_counter()
     model = job.build(maps)
     t_build = time.perf_counter()
-    model = algo.finish(job, model).eval()
+    model = algo.finish(job, model, maps).eval()
     t_finish = time.perf_counter()
     widths = {g.name: maps[g.name].width for g in job.spec}
     counts = {g.name: 2 * g.width - widths[g.name] for g in job.spec}
     base = job.base_size("params")
-    zeros = zero_block_count(job.build_spec, job.state_dicts[0], job.full_maps(maps), len(job.models))
+    zeros = zero_block_count(job.merged_spec, job.state_dicts[0], job.full_maps(maps), len(job.models))
     report = {
         "method": method,
         "options": options,

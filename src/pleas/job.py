@@ -38,7 +38,6 @@ class MergeJob:
     progress: bool = True
     budget_metric: str = "params"
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
-    last_maps: dict[str, GroupMap] = field(default_factory=dict, repr=False)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -122,7 +121,7 @@ class MergeJob:
 
     # --- sizes and building ----------------------------------------------------------------
     @property
-    def build_spec(self) -> PermutationSpec:
+    def merged_spec(self) -> PermutationSpec:
         """The spec the merged state dict is built over: with separate heads, the output axes too."""
         return self.spec.with_outputs() if self.heads == "separate" else self.spec
 
@@ -138,7 +137,7 @@ class MergeJob:
         """Exact sizes of the merged model as a function of group widths (separate heads: both kept)."""
         if "sizes" not in self._cache:
             extra = {g.name: len(self.models) * g.width for g in self.spec.outputs} if self.heads == "separate" else {}
-            self._cache["sizes"] = SizeModel(self.build_spec, self.state_dicts[0], extra)
+            self._cache["sizes"] = SizeModel(self.merged_spec, self.state_dicts[0], extra)
         return self._cache["sizes"]
 
     def size(self, widths: dict[str, int], metric: str | None = None) -> int:
@@ -166,8 +165,7 @@ class MergeJob:
             )
 
     def build(self, maps: dict[str, GroupMap]) -> nn.Module:
-        self.last_maps = maps
-        spec = self.build_spec
+        spec = self.merged_spec
         state = transform_state_dicts(spec, self.state_dicts, self.full_maps(maps))
         model = build_model(self.models[0], state).eval()
         if self.heads == "separate":

@@ -19,7 +19,6 @@ Known datasets:
 from __future__ import annotations
 
 import functools
-import io
 import random
 from dataclasses import dataclass
 from typing import Sequence

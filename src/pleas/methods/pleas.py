@@ -53,15 +53,13 @@ class PLeaS(Rebasin):
         if self.fold_bn:
             from ..fold import fold_batchnorm
 
-            folded = [fold_batchnorm(m) for m in job.models]
-            job.models = [m for m, _ in folded]
-            self.folded = folded[0][1]
+            job.models = [fold_batchnorm(m)[0] for m in job.models]
         return super().plan(job)
 
-    def finish(self, job, model):
+    def finish(self, job, model, maps):
         inner = getattr(model, "model", model)  # SeparateHeads wraps the merged network
         options = RefitOptions(seed=job.seed, progress=job.progress, **self.options)
-        report = refit(job.models, inner, job.build_spec, job.full_maps(job.last_maps), job.data, options)
+        report = refit(job.models, inner, job.merged_spec, job.full_maps(maps), job.data, options)
         job.extra["refit"] = report.layers
         if job.reset_norms and not self.fold_bn:
             reset_batchnorm_stats(model, job.data, progress=job.progress)

@@ -51,7 +51,7 @@ class Rebasin(MergeMethod):
                                              job.target(), weights=weights)
             if self.allocation == "prefix":
                 return prefix_merge_counts(job.spec, job.sizes, job.budget_metric, job.target())
-            return uniform_merge_counts(job.spec, job.size, job.target())
+            return uniform_merge_counts(job.spec, job.sizes, job.budget_metric, job.target())
         names = {g.name: g for g in job.spec}
         unknown = sorted(set(self.merge_counts) - set(names))
         if unknown:

@@ -37,7 +37,7 @@ class MergeMethod(ABC):
     def plan(self, job: "MergeJob") -> dict[str, GroupMap]:
         """One map per group of ``job.spec``."""
 
-    def finish(self, job: "MergeJob", model: nn.Module) -> nn.Module:
+    def finish(self, job: "MergeJob", model: nn.Module, maps: dict[str, GroupMap]) -> nn.Module:
         """Default: REPAIR-style BatchNorm statistics reset on the calibration data."""
         if job.reset_norms:
             reset_batchnorm_stats(model, job.data, progress=job.progress)
