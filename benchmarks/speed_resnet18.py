@@ -17,6 +17,7 @@ parser.add_argument("--images", type=int, default=4000)
 parser.add_argument("--batch", type=int, default=256)
 parser.add_argument("--method", default="pleas")
 parser.add_argument("--profile", action="store_true")
+parser.add_argument("--sort", default="cumulative", help="profile order: cumulative or tottime")
 parser.add_argument("--options", default="{}", help='method options as JSON, e.g. {"inputs": "teacher"}')
 args = parser.parse_args()
 
@@ -46,7 +47,7 @@ result = pleas.merge(a, b, data, method=args.method, budget=1.0, batch_size=args
 total = time.perf_counter() - start
 if args.profile:
     prof.disable()
-    pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
+    pstats.Stats(prof).sort_stats(args.sort).print_stats(30)
 print(f"{args.method} {options} merge at 1x: {total:.2f} s = {total / floor:.2f} x the forward floor")
 for k, v in result.report["seconds"].items():
     print(f"  {k:8s} {v:7.2f} s")

@@ -134,27 +134,18 @@ def default_methods(quick: bool) -> list[str]:
     return sorted(METHODS, key=lambda m: (METHODS[m].uses_budget, m))
 
 
-def source_models(config: ArchConfig, epochs: int, log: Callable[[str], None]):
-    """(models, train sets, test sets) per task; models trained on first use and cached."""
-    from .experiments import architectures, data, train
+def source_models(config: ArchConfig, epochs: int, log: Callable[[str], None], seeds: dict[str, int] | None = None):
+    """(models, train sets, test sets) per task ("A": digits 0-4, "B": digits 5-9); models trained on
+    first use and cached. ``seeds`` maps each task to its model's training seed (default :data:`SEEDS`)."""
+    from .experiments.sources import SourceRecipe, train_source
 
+    seeds = seeds or SEEDS
     models, trains, tests = {}, {}, {}
     for task, classes in TASKS.items():
-        seed = SEEDS[task]
-        trains[task] = data.load(config.dataset, split="train", classes=list(classes), resolution=config.resolution)
-        tests[task] = data.load(config.dataset, split="test", classes=list(classes), resolution=config.resolution)
-        key = {"arch": config.name, "kwargs": config.kwargs, "classes": list(classes), "seed": seed,
-               "epochs": epochs, "res": config.resolution}
-        if config.dataset != "mnist":
-            key["dataset"] = config.dataset
-        if not train.model_path(key).exists():
-            log(f"training model {task} ({config.name}, digits {classes[0]}-{classes[-1]}, seed {seed}, "
-                f"{epochs} epochs); cached for later runs")
-        models[task] = train.cached_model(
-            key,
-            lambda seed=seed: architectures.create(config.name, seed=seed, **config.kwargs),
-            lambda m, ds=trains[task], seed=seed: train.train_classifier(m, ds, seed=seed, epochs=epochs, progress=False),
-        )
+        recipe = SourceRecipe(config.name, config.kwargs, config.dataset, tuple(classes), config.resolution,
+                              seeds[task], epochs)
+        source = train_source(recipe, name=task, log=log)
+        models[task], trains[task], tests[task] = source.model, source.train_set, source.test_set
     return models, trains, tests
 
 

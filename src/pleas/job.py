@@ -38,6 +38,9 @@ class MergeJob:
     progress: bool = True
     budget_metric: str = "params"
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: Extra observers (see :func:`pleas.stats.source_pass`) that ride along on the moments pass.
+    observers: list = field(default_factory=list, repr=False)
+    _observed: list = field(default_factory=list, repr=False)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -103,9 +106,15 @@ class MergeJob:
             widest = max(g.width for g in self.spec)
             per_batch = max(32 * len(self.models) * widest // max(len(self.data), 1), 1024)
             self._cache["moments"] = collect_moments(
-                self.models, self.spec, self.data, progress=self.progress, max_rows=per_batch, seed=self.seed
+                self.models, self.spec, self.data, progress=self.progress, max_rows=per_batch, seed=self.seed,
+                observers=self.observers,
             )
+            self._observed = list(self.observers)
         return self._cache["moments"]
+
+    def saw(self, observer) -> bool:
+        """Whether ``observer`` rode along on the moments pass (it ran after the observer was added)."""
+        return any(o is observer for o in self._observed)
 
     def match(self):
         """The matching of B's units to A's (``self.matching`` decides how), cached."""

@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 
 from .graph import trace_graph
 from .spec import Group, Member, PermutationSpec
-from .stats import tapped
+from .norms import batchnorms
+from .stats import source_pass, tapped
 from .plans import unit_owners
 from .transform import GroupMap, combine_activations
 
@@ -110,6 +111,8 @@ class RefitOptions:
     adam_lr: float = 1e-3
     seed: int = 0
     max_gram_bytes: int = 4 << 30
+    max_frontier_bytes: int = 4 << 30
+    reset_norms: bool = True
     progress: bool = True
 
 
@@ -162,21 +165,65 @@ def refit(
     maps: dict[str, GroupMap],
     batches,
     options: RefitOptions | None = None,
+    samples: "TargetSampler | None" = None,
 ) -> RefitReport:
-    """Refit every layer of ``merged`` (built from ``sources`` with ``maps`` over ``spec``) in place."""
+    """Refit every layer of ``merged`` (built from ``sources`` with ``maps`` over ``spec``) in place.
+
+    For the propagated refit, ``samples`` may hold the targets already sampled during another pass
+    over the sources (made by :meth:`TargetSampler.for_budget`); otherwise the refit samples them."""
     options = options or RefitOptions()
     layers = find_layers(sources[0], spec)
     params = dict(merged.named_parameters())
     report = RefitReport()
     n_batches = max(len(batches), 1) if hasattr(batches, "__len__") else 1
     if options.inputs == "propagated":
-        report.layers = _refit_propagated(sources, merged, layers, maps, batches, n_batches, params, options)
+        report.layers = _refit_propagated(sources, merged, layers, maps, batches, params, options, samples)
         return report
     for chunk in _chunks(layers, params, options.max_gram_bytes):
         stats = _collect(sources, chunk, maps, batches, n_batches, params, options)
         for layer in chunk:
             report.layers.append(_solve_into(layer, stats[layer.name], params, maps, len(sources), options))
     return report
+
+
+class TargetSampler:
+    """Seeded samples of every layer's output in each source model, batch by batch: the propagated
+    refit's targets. An observer of :func:`pleas.stats.source_pass`, so the samples can be taken in
+    a pass over the sources that happens anyway (the matching's), before the merge maps exist; they
+    are combined into the merged layout only when used. ``columns`` sets each layer's samples per
+    batch (``oversample`` per weight column of the merged layer)."""
+
+    def __init__(self, layers: list[Layer], columns: dict[str, int], options: RefitOptions, n_batches: int):
+        self.layers = layers
+        self.nodes = sorted({layer.out_node for layer in layers})
+        self.limits = {layer.name: _row_limit(columns[layer.name], options, n_batches) for layer in layers}
+        self.gen = torch.Generator().manual_seed(options.seed)
+        self.picks: dict[str, list] = {layer.name: [] for layer in layers}
+        self.rows: dict[str, list] = {layer.name: [] for layer in layers}
+
+    @classmethod
+    def for_budget(cls, source: nn.Module, spec: PermutationSpec, budget: float, options: RefitOptions,
+                   n_batches: int) -> "TargetSampler":
+        """A sampler made before the merged model exists: a merged layer's input columns are taken
+        as its source layer's times ``min(budget, 2)`` (exact at 1x)."""
+        layers = find_layers(source, spec)
+        params = dict(source.named_parameters())
+        grow = min(max(budget, 1.0), 2.0)
+        columns = {layer.name: math.ceil(_weight_columns(layer, params) * grow) for layer in layers}
+        return cls(layers, columns, options, n_batches)
+
+    def update(self, taps: list[dict]) -> None:
+        for layer in self.layers:
+            ys = [t[layer.out_node] for t in taps]
+            pick = _pick(layer, ys[0].shape, self.limits[layer.name], self.gen)
+            self.picks[layer.name].append(pick)
+            self.rows[layer.name].append([_sample_rows(layer, y, pick) for y in ys])
+
+    def take(self, layer: Layer, maps, n_batches: int) -> tuple[list, list]:
+        """The picks and combined targets Y~ of ``layer`` for the first ``n_batches`` batches (and
+        forget them)."""
+        picks, rows = self.picks.pop(layer.name)[:n_batches], self.rows.pop(layer.name)[:n_batches]
+        return picks, [combine_activations(r, -1, layer.out_members, maps, torch.float32) for r in rows]
 
 
 def _weight_columns(layer: Layer, params: dict) -> int:
@@ -205,8 +252,8 @@ def _empty_stats(layer: Layer, params: dict) -> LayerStats:
     return LayerStats(torch.zeros(p, p, dtype=torch.float64), torch.zeros(p, m_out, dtype=torch.float64))
 
 
-def _row_limit(stats: LayerStats, options: RefitOptions, n_batches: int) -> int:
-    return math.ceil(max(options.oversample * stats.gram.shape[0], options.min_rows) / n_batches)
+def _row_limit(columns: int, options: RefitOptions, n_batches: int) -> int:
+    return math.ceil(max(options.oversample * columns, options.min_rows) / max(n_batches, 1))
 
 
 def _collect(sources, layers, maps, batches, n_batches, params, options) -> dict[str, LayerStats]:
@@ -221,60 +268,160 @@ def _collect(sources, layers, maps, batches, n_batches, params, options) -> dict
             for layer in layers:
                 st = stats[layer.name]
                 xr, yr, blocks = _rows(layer, [t[layer.in_node] for t in taps], [t[layer.out_node] for t in taps],
-                                       maps, _row_limit(st, options, n_batches), gen,
+                                       maps, _row_limit(st.gram.shape[0], options, n_batches), gen,
                                        bias=f"{layer.name}.bias" in params)
                 st.update(xr, yr, blocks)
     return stats
 
 
-def _refit_propagated(sources, merged, layers, maps, batches, n_batches, params, options) -> list[dict]:
+def _refit_propagated(sources, merged, layers, maps, batches, params, options, samples) -> list[dict]:
     """Fit layers in graph order, each on the activations the merged model (with the layers before it
-    refitted and its BatchNorm statistics recomputed) produces at its input.
+    refitted and, with ``options.reset_norms``, its BatchNorm statistics recomputed) produces at its
+    input.
 
-    The targets Y~ do not depend on the merged model, so one pass over the source models picks every
-    layer's samples and keeps their targets; after that each layer costs two passes of the merged
-    model truncated at the layer's input (statistics, then inputs), never of the sources.
+    The targets Y~ do not depend on the merged model: a :class:`TargetSampler` takes them in a pass
+    over the source models (the matching's, when the method passes ``samples``). Then the merged
+    model runs once, node by node, over all the calibration batches at once (:class:`_Frontier`): a
+    layer is refitted when the walk reaches it, from the inputs the refitted layers before it
+    produced, and a BatchNorm takes the exact statistics of its inputs before it normalises them.
+    One pass of the sources and one of the merged model, whatever the depth.
     """
-    from .norms import reset_batchnorm_stats
-
-    gen = torch.Generator().manual_seed(options.seed)
-    picks: dict[str, list] = {layer.name: [] for layer in layers}
-    targets: dict[str, list] = {layer.name: [] for layer in layers}
-    limits = {layer.name: _row_limit(_empty_stats(layer, params), options, n_batches) for layer in layers}
-    with ExitStack() as stack, torch.no_grad():
-        runs = [stack.enter_context(tapped(m, sorted({layer.out_node for layer in layers}))) for m in sources]
-        for x in tqdm(batches, desc="least-squares targets", disable=not options.progress, leave=False):
-            taps = [run(x)[1] for run in runs]
-            for layer in layers:
-                ys = [t[layer.out_node] for t in taps]
-                pick = _pick(layer, ys[0].shape, limits[layer.name], gen)
-                picks[layer.name].append(pick)
-                targets[layer.name].append(_targets(layer, ys, pick, maps))
+    frontier = _Frontier(merged, batches, options.max_frontier_bytes)
+    if samples is None:
+        columns = {layer.name: _weight_columns(layer, params) for layer in layers}
+        samples = TargetSampler(layers, columns, options, len(frontier.batches))
+        source_pass(sources, frontier.batches, [samples], progress=options.progress, desc="least-squares targets")
+    picks, targets = {}, {}
+    for layer in layers:
+        picks[layer.name], targets[layer.name] = samples.take(layer, maps, len(frontier.batches))
+    by_node = {layer.out_node: layer for layer in layers}
     entries = []
-    for layer in tqdm(layers, desc="least-squares refit", disable=not options.progress, leave=False):
-        prefix = _truncated(merged, layer.in_node)
-        reset_batchnorm_stats(prefix, batches, progress=False)
-        st = _empty_stats(layer, params)
-        with torch.no_grad():
-            for i, x in enumerate(batches):
-                xr, blocks = _inputs(layer, [prefix(x)], picks[layer.name][i], maps,
-                                     bias=f"{layer.name}.bias" in params, merged=True)
-                st.update(xr, targets[layer.name][i], blocks)
-        entries.append(_solve_into(layer, st, params, maps, len(sources), options))
-        del picks[layer.name], targets[layer.name]
+    bar = tqdm(total=len(layers), desc="least-squares refit", disable=not options.progress, leave=False)
+    with torch.no_grad():
+        for node in frontier.nodes():
+            layer = by_node.get(node.name)
+            if layer is not None:
+                st = _empty_stats(layer, params)
+                for x, pick, y in zip(frontier.values(layer.in_node), picks.pop(layer.name), targets.pop(layer.name)):
+                    xr, blocks = _inputs(layer, [x], pick, maps, bias=f"{layer.name}.bias" in params, merged=True)
+                    st.update(xr, y, blocks)
+                entries.append(_solve_into(layer, st, params, maps, len(sources), options))
+                bar.update()
+            elif options.reset_norms:
+                frontier.reset_norm(node)
+            if not picks and not (options.reset_norms and frontier.norms_after(node)):
+                break  # nothing left to change
+            frontier.advance(node)
+    bar.close()
     return entries
 
 
-def _truncated(model: nn.Module, node: str) -> fx.GraphModule:
-    """``model``'s graph cut after ``node``, returning that node's value. It shares the model's
-    modules (so BatchNorm statistics recomputed through it land in the model)."""
-    gm = trace_graph(model)
-    target = next(n for n in gm.graph.nodes if n.name == node)
-    out = next(n for n in gm.graph.nodes if n.op == "output")
-    out.args = (target,)
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
-    return gm
+class _Frontier:
+    """The merged model's traced graph run node by node over every calibration batch at once.
+
+    It holds each batch's live values (those a later node still reads), so a node can be changed (a
+    layer refitted, a norm's statistics set) after everything before it has run on all the data and
+    before anything after it runs. Memory is the calibration set's largest live activations: when
+    that would exceed ``max_bytes`` (estimated on the first batch), only the first batches that fit
+    are used.
+    """
+
+    def __init__(self, model: nn.Module, batches, max_bytes: int):
+        self.gm = trace_graph(model)  # shares the model's modules: changes land in the model
+        self.modules = dict(self.gm.named_modules())
+        self.norm_ids = {id(m) for m in batchnorms(model)}
+        order = [n for n in self.gm.graph.nodes if n.op != "output"]
+        self._position = {n.name: i for i, n in enumerate(order)}
+        self._last_use = {n.name: max((self._position.get(u.name, len(order)) for u in n.users), default=-1)
+                          for n in order}
+        self._last_norm = max((i for i, n in enumerate(order) if self._is_norm(n)), default=-1)
+        batches = iter(batches)
+        first = next(batches)
+        per_sample = self._peak_live_bytes(first) / first.shape[0]
+        budget = max(int(max_bytes // max(per_sample, 1.0)), first.shape[0])
+        self.batches, used = [first], first.shape[0]
+        for x in batches:
+            if used + x.shape[0] > budget:
+                break
+            self.batches.append(x)
+            used += x.shape[0]
+        self.env: list[dict] = [{} for _ in self.batches]
+
+    def nodes(self):
+        for node in self.gm.graph.nodes:
+            if node.op != "output":
+                yield node
+
+    def values(self, name: str) -> list[torch.Tensor]:
+        return [env[name] for env in self.env]
+
+    def norms_after(self, node: fx.Node) -> bool:
+        return self._position[node.name] < self._last_norm
+
+    def advance(self, node: fx.Node) -> None:
+        """Run ``node`` on every batch, then drop the values no later node reads."""
+        for x, env in zip(self.batches, self.env):
+            env[node.name] = self._run(node, env, x)
+            self._drop_dead(env, self._position[node.name])
+
+    def _drop_dead(self, env: dict, here: int) -> None:
+        for name in [k for k in env if self._last_use[k] <= here]:
+            del env[name]
+
+    def reset_norm(self, node: fx.Node) -> None:
+        """Set a BatchNorm node's running statistics to the exact mean and (unbiased) variance of its
+        inputs over every batch, in float64."""
+        if not self._is_norm(node):
+            return
+        module = self.modules[node.target]
+        xs = self.values(node.args[0].name)
+        dims = [d for d in range(xs[0].dim()) if d != 1]
+        count, mean, sq = 0, 0.0, 0.0
+        for x in xs:  # per-batch moments combined exactly (Chan et al.), sums in float64
+            var_b, mean_b = torch.var_mean(x, dims, correction=0)
+            n_b = x.numel() // x.shape[1]
+            delta = mean_b.double() - mean
+            total = count + n_b
+            mean = mean + delta * (n_b / total)
+            sq = sq + var_b.double() * n_b + delta**2 * (count * n_b / total)
+            count = total
+        if count < 2:
+            return
+        module.running_mean.copy_(mean.to(module.running_mean.dtype))
+        module.running_var.copy_((sq / (count - 1)).to(module.running_var.dtype))
+
+    def _is_norm(self, node: fx.Node) -> bool:
+        return node.op == "call_module" and id(self.modules[node.target]) in self.norm_ids
+
+    def _run(self, node: fx.Node, env: dict, x: torch.Tensor):
+        if node.op == "placeholder":
+            return x
+        args = fx.node.map_arg(node.args, lambda n: env[n.name])
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n.name])
+        if node.op == "get_attr":
+            obj = self.gm
+            for part in node.target.split("."):
+                obj = getattr(obj, part)
+            return obj
+        if node.op == "call_module":
+            return self.modules[node.target](*args, **kwargs)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        raise ValueError(f"cannot run node {node.name} ({node.op})")
+
+    def _peak_live_bytes(self, x: torch.Tensor) -> int:
+        """The largest total size of the activations alive at once while one batch runs through."""
+        env, peak = {}, 0
+        with torch.no_grad():
+            for node in self.nodes():
+                env[node.name] = self._run(node, env, x)
+                live = sum(v.numel() * v.element_size() for k, v in env.items() if isinstance(v, torch.Tensor)
+                           and not isinstance(v, nn.Parameter))
+                peak = max(peak, live)
+                self._drop_dead(env, self._position[node.name])
+        return peak
 
 
 def _rows(layer: Layer, xs: list, ys: list, maps, limit: int, gen: torch.Generator, *, bias: bool):
@@ -294,13 +441,17 @@ def _pick(layer: Layer, out_shape: tuple, limit: int, gen: torch.Generator):
     return torch.randperm(n, generator=gen)[:limit] if n > limit else torch.arange(n)
 
 
+def _sample_rows(layer: Layer, y: torch.Tensor, pick) -> torch.Tensor:
+    """One model's output at the picked samples: (samples, units)."""
+    if layer.is_conv:
+        y = y.unsqueeze(2) if y.dim() == 3 else y
+        return y[pick[0], :, pick[1], pick[2]]
+    return y.reshape(-1, y.shape[-1])[pick]
+
+
 def _targets(layer: Layer, ys: list, pick, maps) -> torch.Tensor:
     """Y~ at the picked samples: (samples, m_out), float32."""
-    if layer.is_conv:
-        ys = [y.unsqueeze(2) if y.dim() == 3 else y for y in ys]
-        rows = [y[pick[0], :, pick[1], pick[2]] for y in ys]
-    else:
-        rows = [y.reshape(-1, y.shape[-1])[pick] for y in ys]
+    rows = [_sample_rows(layer, y, pick) for y in ys]
     return combine_activations(rows, -1, layer.out_members, maps, torch.float32)
 
 

@@ -77,6 +77,41 @@ def tapped(model: nn.Module, nodes: list[str]) -> Iterator[nn.Module]:
     yield gm
 
 
+def source_pass(models: list[nn.Module], batches: Iterable[torch.Tensor], observers: list, *,
+                progress: bool = True, desc: str = "activation statistics") -> None:
+    """Run ``models`` once over ``batches``, handing each batch's taps to every observer.
+
+    An observer has ``nodes`` (the graph nodes it reads) and ``update(taps)``, where ``taps[i]`` maps
+    node names to model i's tensors. Several statistics that need the source models' activations
+    share one pass this way (the matching's moments and the refit's targets)."""
+    nodes = sorted({n for o in observers for n in o.nodes})
+    with ExitStack() as stack, torch.no_grad():
+        runs = [stack.enter_context(tapped(m, nodes)) for m in models]
+        for x in tqdm(batches, desc=desc, disable=not progress, leave=False):
+            taps = [run(x)[1] for run in runs]
+            for o in observers:
+                o.update(taps)
+
+
+class MomentsObserver:
+    """Collects :class:`Moments` of the stacked units of every group (see :func:`collect_moments`)."""
+
+    def __init__(self, groups: list[Group], n_models: int, max_rows: int | None, seed: int):
+        self.groups = groups
+        self.nodes = sorted({s.node for g in groups for s in g.sites})
+        self.moments = {g.name: Moments.zeros(n_models * g.width) for g in groups}
+        self.max_rows = max_rows
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def update(self, taps: list[dict]) -> None:
+        for g in self.groups:
+            for site in g.sites:
+                z = torch.cat([site_samples(t[site.node], site, g.width) for t in taps], dim=1)
+                if self.max_rows is not None and z.shape[0] > self.max_rows:
+                    z = z[torch.randperm(z.shape[0], generator=self.gen)[: self.max_rows]]
+                self.moments[g.name].update(z)
+
+
 def collect_moments(
     models: list[nn.Module],
     spec: PermutationSpec,
@@ -86,26 +121,16 @@ def collect_moments(
     progress: bool = True,
     max_rows: int | None = None,
     seed: int = 0,
+    observers: list | None = None,
 ) -> dict[str, Moments]:
     """Moments of the stacked units ``[model 0 units | model 1 units | ...]`` of every group.
 
     For group g of width d and n models, z has n*d entries, so the result holds the correlations
     within each model and across models (what activation matching and ZipIt! need). The models are
     not modified. ``max_rows`` caps the samples each site contributes per batch (a seeded random
-    subset of positions); every batch still contributes.
+    subset of positions); every batch still contributes. ``observers`` ride along on the same pass
+    (see :func:`source_pass`).
     """
-    groups = list(spec.groups if groups is None else groups)
-    nodes = sorted({s.node for g in groups for s in g.sites})
-    moments = {g.name: Moments.zeros(len(models) * g.width) for g in groups}
-    gen = torch.Generator().manual_seed(seed)
-    with ExitStack() as stack, torch.no_grad():
-        runs = [stack.enter_context(tapped(m, nodes)) for m in models]
-        for x in tqdm(batches, desc="activation statistics", disable=not progress, leave=False):
-            taps = [run(x)[1] for run in runs]
-            for g in groups:
-                for site in g.sites:
-                    z = torch.cat([site_samples(t[site.node], site, g.width) for t in taps], dim=1)
-                    if max_rows is not None and z.shape[0] > max_rows:
-                        z = z[torch.randperm(z.shape[0], generator=gen)[:max_rows]]
-                    moments[g.name].update(z)
-    return moments
+    collector = MomentsObserver(list(spec.groups if groups is None else groups), len(models), max_rows, seed)
+    source_pass(models, batches, [collector, *(observers or [])], progress=progress)
+    return collector.moments

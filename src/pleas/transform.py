@@ -178,4 +178,10 @@ def _apply_units(seg: torch.Tensor, block: torch.Tensor, m: Member) -> torch.Ten
     """(d*repeat, *rest) -> (m*repeat, *rest): new unit j = sum_i block[j, i] * unit i."""
     d, rest = block.shape[1], seg.shape[1:]
     flat = seg.reshape(d, m.repeat * math.prod(rest))
-    return (block.to(seg.dtype) @ flat).reshape(block.shape[0] * m.repeat, *rest)
+    block = block.to(seg.dtype)
+    if block.shape[0] > 64 and int(torch.count_nonzero(block)) <= 2 * block.shape[0]:
+        # Permutation-like maps (a unit or a pair per row): a sparse product skips the zeros.
+        out = torch.sparse.mm(block.to_sparse(), flat)
+    else:
+        out = block @ flat
+    return out.reshape(block.shape[0] * m.repeat, *rest)

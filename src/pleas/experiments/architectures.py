@@ -7,6 +7,7 @@ control flow; flattening is done with ``nn.Flatten`` or ``torch.flatten``.
 * :func:`vgg`: (N, C, H, W) -> 3 stages of [Conv3x3, BN, ReLU] x depth + MaxPool2 -> GAP -> Linear.
 * :func:`resnet20`: (N, C, H, W) -> CIFAR-style ResNet-20 (3 stages x 3 BasicBlocks) -> GAP -> Linear.
 * :func:`cnn1d`: (N, C, L) -> 3 blocks of [Conv1d, BN, ReLU, MaxPool1d(2)] -> GAP -> Linear.
+* :func:`torchvision_resnet18`: torchvision's ResNet-18 with ``in_channels`` input channels (needs torchvision).
 
 :func:`create` looks a factory up by name and can seed the initialisation.
 """
@@ -159,11 +160,29 @@ def cnn1d(num_classes: int, *, in_channels: int = 1, width: int = 32) -> nn.Sequ
     return nn.Sequential(*layers)
 
 
+def torchvision_resnet18(in_channels: int, num_classes: int) -> nn.Module:
+    """torchvision's ``resnet18`` (ImageNet stem: Conv7x7 stride 2 + MaxPool; random weights) for
+    (N, in_channels, H, W) inputs -> logits (N, num_classes). Only the stem convolution differs from
+    torchvision's model: it reads ``in_channels`` channels instead of 3. Works from 32x32 inputs up.
+    """
+    _check_positive(in_channels=in_channels, num_classes=num_classes)
+    try:
+        import torchvision
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("torchvision_resnet18 needs torchvision: pip install 'pleas[vision]'") from err
+    model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+    stem = model.conv1
+    model.conv1 = nn.Conv2d(in_channels, stem.out_channels, stem.kernel_size, stride=stem.stride,
+                            padding=stem.padding, bias=False)
+    return model
+
+
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "mlp": mlp,
     "vgg": vgg,
     "resnet20": resnet20,
     "cnn1d": cnn1d,
+    "torchvision_resnet18": torchvision_resnet18,
 }
 
 

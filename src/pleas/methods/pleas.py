@@ -6,7 +6,7 @@ Calibration data from another dataset gives PLeaS-free: nothing changes but the 
 from __future__ import annotations
 
 from ..norms import reset_batchnorm_stats
-from ..refit import RefitOptions, refit
+from ..refit import RefitOptions, TargetSampler, refit
 from .rebasin import Rebasin
 from .registry import register_method
 
@@ -54,13 +54,29 @@ class PLeaS(Rebasin):
             from ..fold import fold_batchnorm
 
             job.models = [fold_batchnorm(m)[0] for m in job.models]
-        return super().plan(job)
+        self._samples = None
+        if self.options["inputs"] == "propagated":
+            # The refit's targets are sampled during the matching's pass over the sources, if it makes one.
+            sampler = TargetSampler.for_budget(job.models[0], job.merged_spec, job.budget, self.refit_options(job),
+                                               len(job.data))
+            job.observers.append(sampler)
+        maps = super().plan(job)
+        if self.options["inputs"] == "propagated":
+            job.observers.remove(sampler)
+            self._samples = sampler if job.saw(sampler) else None
+        return maps
+
+    def refit_options(self, job) -> RefitOptions:
+        reset = job.reset_norms and not self.fold_bn
+        return RefitOptions(seed=job.seed, progress=job.progress, reset_norms=reset, **self.options)
 
     def finish(self, job, model, maps):
         inner = getattr(model, "model", model)  # SeparateHeads wraps the merged network
-        options = RefitOptions(seed=job.seed, progress=job.progress, **self.options)
-        report = refit(job.models, inner, job.merged_spec, job.full_maps(maps), job.data, options)
+        options = self.refit_options(job)
+        report = refit(job.models, inner, job.merged_spec, job.full_maps(maps), job.data, options,
+                       samples=getattr(self, "_samples", None))
+        self._samples = None
         job.extra["refit"] = report.layers
-        if job.reset_norms and not self.fold_bn:
+        if options.reset_norms and options.inputs == "teacher":  # the propagated refit sets them as it goes
             reset_batchnorm_stats(model, job.data, progress=job.progress)
         return model
