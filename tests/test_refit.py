@@ -133,3 +133,62 @@ def test_bad_refit_options_are_refused():
     a, b = _pair(MLP)
     with pytest.raises(pleas.MergeInputError, match="refit='sgd'; allowed"):
         pleas.merge(a, b, torch.randn(8, 20), method="pleas", refit="sgd")
+
+
+def _identity_merge(a, b, x):
+    spec = pleas.build_spec(a, x[:2])
+    maps = {g.name: partial_merge_map(torch.arange(g.width), torch.ones(g.width), g.width) for g in spec}
+    return spec, maps, pleas.build_model(a, pleas.transform_state_dicts(spec, [a.state_dict(), b.state_dict()], maps)).eval()
+
+
+def test_targets_sampled_in_another_pass_give_the_same_refit():
+    """The propagated refit's targets can ride along on the matching's pass over the sources; the
+    result is bit-identical to sampling them in a pass of its own."""
+    from pleas.refit import TargetSampler
+    from pleas.stats import collect_moments
+
+    a, b = _pair(VGGBN)
+    x = torch.randn(96, 3, 16, 16)
+    data = Calibration(x, batch_size=32)
+    spec, maps, merged = _identity_merge(a, b, x)
+    options = RefitOptions(inputs="propagated", progress=False)
+    own = pleas.build_model(a, merged.state_dict()).eval()
+    refit([a, b], own, spec, maps, data, options)
+    sampler = TargetSampler.for_budget(a, spec, 1.0, options, len(data))
+    collect_moments([a, b], spec, data, progress=False, observers=[sampler])
+    refit([a, b], merged, spec, maps, data, options, samples=sampler)
+    assert all(torch.equal(v, own.state_dict()[k]) for k, v in merged.state_dict().items())
+
+
+def test_propagated_refit_sets_exact_batchnorm_statistics():
+    """Each BatchNorm ends with the mean and variance of its inputs over all the calibration data,
+    as the merged model with the refitted layers before it produces them."""
+    a, b = _pair(VGGBN)
+    x = torch.randn(96, 3, 16, 16)
+    spec, maps, merged = _identity_merge(a, b, x)
+    refit([a, b], merged, spec, maps, Calibration(x, batch_size=40), RefitOptions(inputs="propagated", progress=False))
+    seen = {}
+
+    def keep_input(module, inputs, output):  # returns None: the output stays as it is
+        seen[module] = inputs[0]
+
+    handles = [m.register_forward_hook(keep_input) for m in merged.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        merged(x)
+    for h in handles:
+        h.remove()
+    assert seen
+    for norm, inp in seen.items():
+        torch.testing.assert_close(norm.running_mean, inp.mean((0, 2, 3)), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(norm.running_var, inp.var((0, 2, 3)), atol=1e-5, rtol=1e-4)
+
+
+def test_propagated_refit_memory_cap_uses_the_first_batches():
+    a, b = _pair(VGGBN)
+    x = torch.randn(96, 3, 16, 16)
+    spec, maps, merged = _identity_merge(a, b, x)
+    options = RefitOptions(inputs="propagated", progress=False, max_frontier_bytes=1, min_rows=10**6)
+    report = refit([a, b], merged, spec, maps, Calibration(x, batch_size=32), options)
+    full = refit([a, b], pleas.build_model(a, merged.state_dict()), spec, maps, Calibration(x, batch_size=32),
+                 RefitOptions(inputs="propagated", progress=False, min_rows=10**6))
+    assert [layer["rows"] * 3 for layer in report.layers] == [layer["rows"] for layer in full.layers]

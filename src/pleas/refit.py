@@ -327,6 +327,7 @@ class _Frontier:
     """
 
     def __init__(self, model: nn.Module, batches, max_bytes: int):
+        model.eval()  # BatchNorm normalises by the statistics the walk sets, never by the batch's
         self.gm = trace_graph(model)  # shares the model's modules: changes land in the model
         self.modules = dict(self.gm.named_modules())
         self.norm_ids = {id(m) for m in batchnorms(model)}
