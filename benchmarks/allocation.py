@@ -16,6 +16,7 @@ import torch
 import pleas
 from pleas.demo import ARCHS, source_models
 from pleas.experiments import train
+from pleas.experiments.sources import domain_models
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--archs", default="resnet20,mlp")
@@ -27,21 +28,6 @@ parser.add_argument("--options", default="{}", help='method options as JSON, e.g
 args = parser.parse_args()
 
 print(f"{'arch':9s} {'budget':>6s} {'allocation':>10s} {'size':>6s} {'acc A':>6s} {'acc B':>6s} {'mean':>6s} {'sec':>6s}")
-def domain_models():
-    """ResNet-20s on MNIST (seed 0) and UCI digits (seed 1), 10 classes, 16x16, cached."""
-    from pleas.experiments import architectures, data
-
-    models, trains, tests = {}, {}, {}
-    for task, dataset, seed in (("A", "mnist", 0), ("B", "digits", 1)):
-        trains[task] = data.load(dataset, split="train", resolution=16)
-        tests[task] = data.load(dataset, split="test", resolution=16)
-        kwargs = {"in_channels": 1, "num_classes": 10, "width": 1}
-        key = {"arch": "resnet20", "kwargs": kwargs, "dataset": dataset, "seed": seed, "epochs": 12, "res": 16}
-        models[task] = train.cached_model(
-            key, lambda s=seed: architectures.create("resnet20", seed=s, **kwargs),
-            lambda m, ds=trains[task], s=seed: train.train_classifier(m, ds, seed=s, epochs=12, progress=False))
-    return models, trains, tests
-
 
 for arch in args.archs.split(","):
     shared = arch == "domains"

@@ -145,6 +145,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_command(args: argparse.Namespace) -> str:
+    """The command line that repeats this run (recorded in BENCHMARKS.md)."""
+    import shlex
+
+    words = ["pleas", "bench"]
+    if args.quick:
+        words.append("--quick")
+    for flag, value in (("--tasks", args.tasks), ("--archs", args.archs), ("--methods", args.methods)):
+        if value:
+            words += [flag, ",".join(value)]
+    if args.budgets:
+        words += ["--budgets", ",".join(f"{b:g}" for b in args.budgets)]
+    for flag, value in (("--seeds", args.seeds), ("--calibration", args.calibration), ("--epochs", args.epochs)):
+        if value is not None:
+            words += [flag, str(value)]
+    if args.out != ".":
+        words += ["--out", args.out]
+    return shlex.join(words)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run, suite
+
+    if args.report_only:
+        suite.rerender(args.out)
+        print(f"wrote {suite.OutputPaths.under(args.out).report} from the saved results")
+        return 0
+    config = run.make_config(
+        tasks=args.tasks, archs=args.archs, quick=args.quick, methods=args.methods, budgets=args.budgets,
+        seed_pairs=args.seeds, calibration=args.calibration, epochs=args.epochs,
+    )
+    suite.run_suite(config, args.out, command=_bench_command(args), progress=not args.no_progress)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pleas",
@@ -207,6 +242,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample and the merges (default 0)")
     p.add_argument("--quick", action="store_true", help="a fast smoke run: few epochs, methods and budgets")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "bench",
+        help="the benchmark suite: every method on real tasks, written to BENCHMARKS.md with plots",
+        description="Trains pairs of source models (cached under $PLEAS_CACHE or ~/.cache/pleas) on MNIST halves, "
+        "MNIST vs UCI digits and MNIST-1D halves, merges them with every method at every budget, and writes "
+        "BENCHMARKS.md, plots and the raw results (docs/bench/results.json) under --out. About half an hour "
+        "on 2 CPU cores; --quick takes well under a minute.",
+    )
+    p.add_argument("--out", default=".", help="directory of BENCHMARKS.md; plots and results go to OUT/docs/bench "
+                   "(default: the current directory)")
+    p.add_argument("--quick", action="store_true", help="smoke run: mnist-halves with the MLP, 1 seed pair, budgets "
+                   "1,1.5, few epochs, 200 calibration samples")
+    p.add_argument("--report-only", action="store_true", help="render BENCHMARKS.md and the plots again from the "
+                   "saved results; run nothing")
+    p.add_argument("--tasks", type=_names, default=None, help="comma-separated tasks (default: all)")
+    p.add_argument("--archs", type=_names, default=None, help="comma-separated architectures (default: all)")
+    p.add_argument("--methods", type=_names, default=None, help="comma-separated methods (default: all)")
+    p.add_argument("--budgets", type=_floats, default=None, help="comma-separated budgets (default 1,1.2,1.5,1.8,2)")
+    p.add_argument("--seeds", type=_positive_int, default=None, help="number of seed pairs (default 3)")
+    p.add_argument("--calibration", type=_positive_int, default=None,
+                   help="calibration samples per merge, half from each domain (default 1000)")
+    p.add_argument("--epochs", type=_positive_int, default=None,
+                   help="training epochs of every source model (default: each architecture's own)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -1,0 +1,205 @@
+"""The paper's claims (ALGORITHM.md section 7), checked against the benchmark's numbers.
+
+Each check returns a :class:`Finding`: the claim, a verdict written from the numbers (where a claim does
+not hold it says so and gives them), a table per task and architecture, and ``holds`` (True, False, or
+None when the run did not measure what the claim needs). Thresholds are the module constants.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import fmt
+from .aggregate import Stat, Summary
+
+#: "Within a few points": PLeaS-free's mean accuracy at most this far below PLeaS's, at every budget.
+FEW_POINTS = 0.03
+#: "Most of the gap": at least this fraction of the Git Re-Basin (1x) -> ensemble gap closed.
+MOST_OF_GAP = 0.5
+#: A gap smaller than this (ensemble minus Git Re-Basin at 1x) leaves nothing to close.
+NO_GAP = 0.005
+#: Target for PLeaS's merge time on resnet18, in forward floors.
+FLOOR_TARGET = 5.0
+#: The baselines PLeaS should beat at 1x, with their names in the text.
+BASELINES = {
+    "zipit": "ZipIt!",
+    "rebasin-activation": "Git Re-Basin (activation)",
+    "rebasin-weight": "Git Re-Basin (weight)",
+    "regmean": "RegMean",
+    "average": "averaging",
+}
+#: Architecture whose speed the floor target is about.
+SPEED_ARCH = "resnet18"
+
+
+@dataclass
+class Finding:
+    title: str
+    claim: str
+    verdict: str
+    table: str
+    holds: bool | None
+
+
+def _combo(task: str, arch: str) -> str:
+    return f"{task} / {arch}"
+
+
+def _within_spread(a: Stat, b: Stat) -> bool:
+    """Whether two means differ by no more than the larger of their seed spreads (needs 2+ pairs)."""
+    return min(a.n, b.n) > 1 and abs(a.mean - b.mean) <= max(a.std, b.std)
+
+
+def _overall(holding: list[str], failing: list[str], unmeasured: list[str]) -> tuple[str, bool | None]:
+    measured = len(holding) + len(failing)
+    if not measured:
+        return "Not measured in this run.", None
+    text = f"Holds on {len(holding)} of {measured} task/architecture pairs."
+    if failing:
+        text += " Does not hold on " + "; ".join(failing) + "."
+    if unmeasured:
+        text += " Not measured on " + ", ".join(unmeasured) + "."
+    return text, not failing
+
+
+def pleas_above_baselines(s: Summary) -> Finding:
+    """PLeaS's mean accuracy at 1x above each baseline's."""
+    present = [m for m in BASELINES if any(s.merge(t, a, m, 1.0) for t, a in s.combos)]
+    rows, holding, failing, unmeasured = [], [], [], []
+    for task, arch in s.combos:
+        pleas = s.mean_acc(task, arch, "pleas", 1.0)
+        others = {m: s.mean_acc(task, arch, m, 1.0) for m in present}
+        others = {m: v for m, v in others.items() if v is not None}
+        cells = [fmt.spread(pleas)] + [fmt.spread(s.mean_acc(task, arch, m, 1.0)) for m in present]
+        if pleas is None or not others:
+            unmeasured.append(_combo(task, arch))
+            rows.append([_combo(task, arch), *cells, "not measured"])
+            continue
+        best = max(others, key=lambda m: others[m].mean)
+        margin = pleas.mean - others[best].mean
+        note = " (within the seed spread)" if _within_spread(pleas, others[best]) else ""
+        if margin > 0:
+            holding.append(_combo(task, arch))
+            verdict = f"holds: {fmt.points(margin)} points over {BASELINES[best]}{note}"
+        else:
+            beaten = [m for m in others if others[m].mean >= pleas.mean]
+            said = ", ".join(f"{BASELINES[m]} {others[m].mean:.3f}" for m in beaten)
+            failing.append(f"{_combo(task, arch)} ({said} vs PLeaS {pleas.mean:.3f})")
+            verdict = f"fails: {said} vs PLeaS {pleas.mean:.3f}{note}"
+        rows.append([_combo(task, arch), *cells, verdict])
+    text, holds = _overall(holding, failing, unmeasured)
+    table = fmt.table(["task / arch", "PLeaS", *(BASELINES[m] for m in present), "verdict"], rows)
+    return Finding("PLeaS is the best merge at 1x",
+                   "PLeaS is more accurate than ZipIt!, Git Re-Basin, RegMean and averaging at 1x.", text, table, holds)
+
+
+def gap_closed(s: Summary) -> Finding:
+    """The fraction of the Git Re-Basin (1x) -> ensemble gap that PLeaS closes at 1x, 1.2x and 1.5x."""
+    budgets = (1.0, 1.2, 1.5)
+    rows, holding, failing, unmeasured, closed_12 = [], [], [], [], []
+    for task, arch in s.combos:
+        rebasin = s.mean_acc(task, arch, "rebasin-activation", 1.0)
+        ensemble = s.mean_acc(task, arch, "ensemble", None)
+        pleas = {b: s.mean_acc(task, arch, "pleas", b) for b in budgets}
+        if rebasin is None or ensemble is None or all(v is None for v in pleas.values()):
+            unmeasured.append(_combo(task, arch))
+            rows.append([_combo(task, arch), fmt.spread(rebasin), fmt.spread(ensemble), "-", "-", "-", "not measured"])
+            continue
+        gap = ensemble.mean - rebasin.mean
+        if gap < NO_GAP:
+            rows.append([_combo(task, arch), fmt.spread(rebasin), fmt.spread(ensemble), "-", "-", "-",
+                         "no gap: Git Re-Basin is within half a point of the ensemble"])
+            unmeasured.append(f"{_combo(task, arch)} (no gap to close)")
+            continue
+        fractions = {b: None if v is None else (v.mean - rebasin.mean) / gap for b, v in pleas.items()}
+        cells = [fmt.spread(rebasin), fmt.spread(ensemble)] + [
+            "-" if pleas[b] is None else f"{pleas[b].mean:.3f} ({fmt.percent(fractions[b])})" for b in budgets]
+        judged = 1.2 if fractions[1.2] is not None else (1.5 if fractions[1.5] is not None else None)
+        if judged is None:
+            unmeasured.append(_combo(task, arch))
+            rows.append([_combo(task, arch), *cells, "not measured at 1.2x or 1.5x"])
+            continue
+        if judged == 1.2:
+            closed_12.append(fractions[1.2])
+        ok = fractions[judged] >= MOST_OF_GAP
+        verdict = f"{'holds' if ok else 'fails'}: {fmt.percent(fractions[judged])} closed at {judged:g}x"
+        (holding if ok else failing).append(
+            _combo(task, arch) if ok else f"{_combo(task, arch)} ({fmt.percent(fractions[judged])} at {judged:g}x)")
+        rows.append([_combo(task, arch), *cells, verdict])
+    text, holds = _overall(holding, failing, unmeasured)
+    if closed_12:
+        text += (f" At 1.2x PLeaS closes {fmt.percent(min(closed_12))} to {fmt.percent(max(closed_12))} of the gap "
+                 f"(mean {fmt.percent(sum(closed_12) / len(closed_12))}).")
+    table = fmt.table(["task / arch", "Git Re-Basin 1x", "ensemble", "PLeaS 1x (gap closed)", "PLeaS 1.2x",
+                       "PLeaS 1.5x", "verdict"], rows)
+    return Finding("Most of the gap to the ensemble is closed by 1.2x",
+                   f"About 1.2x closes most (here: at least {fmt.percent(MOST_OF_GAP)}) of the gap between Git "
+                   "Re-Basin at 1x and the ensemble; the fraction is (PLeaS - Git Re-Basin) / (ensemble - Git Re-Basin).",
+                   text, table, holds)
+
+
+def free_near_pleas(s: Summary) -> Finding:
+    """PLeaS-free's mean accuracy at most :data:`FEW_POINTS` below PLeaS's at every budget."""
+    rows, holding, failing, unmeasured = [], [], [], []
+    for task, arch in s.combos:
+        budgets = [b for b in s.budgets(task, arch, "pleas") if b is not None and s.merge(task, arch, "pleas-free", b)]
+        if not budgets:
+            unmeasured.append(_combo(task, arch))
+            rows.append([_combo(task, arch), "-", "-", "-", "-", "not measured"])
+            continue
+        diffs = {b: s.mean_acc(task, arch, "pleas-free", b).mean - s.mean_acc(task, arch, "pleas", b).mean
+                 for b in budgets}
+        worst = min(diffs, key=diffs.get)
+        first = budgets[0]
+        ok = diffs[worst] >= -FEW_POINTS
+        verdict = f"{'holds' if ok else 'fails'}: at worst {fmt.points(diffs[worst])} points ({worst:g}x)"
+        (holding if ok else failing).append(
+            _combo(task, arch) if ok else f"{_combo(task, arch)} ({fmt.points(diffs[worst])} points at {worst:g}x)")
+        rows.append([_combo(task, arch), f"{first:g}x", fmt.spread(s.mean_acc(task, arch, "pleas", first)),
+                     fmt.spread(s.mean_acc(task, arch, "pleas-free", first)),
+                     " / ".join(f"{fmt.points(diffs[b])} ({b:g}x)" for b in budgets), verdict])
+    text, holds = _overall(holding, failing, unmeasured)
+    table = fmt.table(["task / arch", "budget", "PLeaS", "PLeaS-free", "difference in points, per budget", "verdict"],
+                      rows)
+    return Finding("PLeaS-free is within a few points of PLeaS",
+                   f"Calibrating on data from neither domain costs only a few points (here: at most "
+                   f"{100 * FEW_POINTS:.0f} points of mean accuracy at every budget).", text, table, holds)
+
+
+def merge_speed(s: Summary) -> Finding:
+    """PLeaS's merge time in forward floors per task and architecture; the target applies to resnet18."""
+    rows, holding, failing, unmeasured, ratios = [], [], [], [], []
+    for task, arch in s.combos:
+        floor = s.floor(task, arch)
+        at_1x = s.merge(task, arch, "pleas", 1.0)
+        measured = {b: s.merge(task, arch, "pleas", b) for b in s.budgets(task, arch, "pleas")}
+        if floor is None or at_1x is None:
+            rows.append([_combo(task, arch), fmt.value(floor, 3), "-", "-", "-", "not measured"])
+            if arch == SPEED_ARCH:
+                unmeasured.append(_combo(task, arch))
+            continue
+        worst = max(measured, key=lambda b: measured[b]["floor_ratio"].mean)
+        ratio = at_1x["floor_ratio"].mean
+        ratios.append(f"{_combo(task, arch)} {ratio:.1f}x")
+        verdict = ""
+        if arch == SPEED_ARCH:
+            ok = ratio <= FLOOR_TARGET
+            verdict = f"{'meets' if ok else 'misses'} the {FLOOR_TARGET:g}x target"
+            (holding if ok else failing).append(_combo(task, arch) if ok else f"{_combo(task, arch)} ({ratio:.1f}x)")
+        rows.append([_combo(task, arch), fmt.value(floor, 3), fmt.value(at_1x["seconds"], 2), f"{ratio:.1f}x",
+                     f"{measured[worst]['floor_ratio'].mean:.1f}x ({worst:g}x)", verdict])
+    if holding or failing:
+        text, holds = _overall(holding, failing, unmeasured)
+        text = text.replace("task/architecture pairs", f"{SPEED_ARCH} pairs")
+    else:
+        text, holds = f"{SPEED_ARCH} is not in this run, so the {FLOOR_TARGET:g}x target was not checked.", None
+    if ratios:
+        text += " PLeaS at 1x takes " + ", ".join(ratios) + " the forward floor."
+    table = fmt.table(["task / arch", "floor (s)", "PLeaS 1x (s)", "ratio 1x", "largest ratio (budget)",
+                       f"{SPEED_ARCH} target"], rows)
+    return Finding("PLeaS merge time against the forward floor",
+                   f"A PLeaS merge of {SPEED_ARCH} takes at most {FLOOR_TARGET:g}x the forward floor (the time for "
+                   "models A and B to run once over the calibration data).", text, table, holds)
+
+
+def all_findings(s: Summary) -> list[Finding]:
+    return [pleas_above_baselines(s), gap_closed(s), free_near_pleas(s), merge_speed(s)]

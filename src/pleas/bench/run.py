@@ -1,0 +1,235 @@
+"""Running the benchmark: which merges, and what is measured for each.
+
+For every selected (task, architecture) and seed pair: train (or load) models A and B, draw the task's
+calibration sample and PLeaS-free's, time the forward floor, then merge with every method at every
+budget it can make, recording accuracy per domain, dense and effective size, wall time and peak memory.
+Results are plain JSON-ready dicts (see :func:`run_benchmark`).
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from tqdm.auto import tqdm
+
+from ..api import merge
+from ..errors import MergeInputError, PleasError
+from ..experiments import train
+from ..methods import METHODS
+from . import tasks as task_defs
+from .measure import PeakMemory, forward_floor
+
+#: Budgets of the full run and of ``--quick``.
+BUDGETS = (1.0, 1.2, 1.5, 1.8, 2.0)
+QUICK_BUDGETS = (1.0, 1.5)
+#: Seed pairs of the full run (pair p trains A with seed 2p and B with 2p + 1).
+SEED_PAIRS = 3
+#: Calibration samples per merge (half from each domain's training split), full run and ``--quick``.
+CALIBRATION = 1000
+QUICK_CALIBRATION = 200
+#: The (task, architecture) pairs of ``--quick``.
+QUICK_SELECTION = (("mnist-halves", "mlp"),)
+#: Batch size of the merges and of the forward floor.
+BATCH_SIZE = 256
+
+
+@dataclass(frozen=True)
+class MethodSetup:
+    """A benchmarked method: ``method`` is the registered name, ``options`` extra :func:`pleas.merge`
+    arguments, ``calibration`` "task" (the task's own data) or "free" (the task's free data)."""
+
+    label: str
+    method: str
+    text: str
+    options: dict = field(default_factory=dict, hash=False)
+    calibration: str = "task"
+
+    @property
+    def uses_budget(self) -> bool:
+        return METHODS[self.method].uses_budget
+
+    @property
+    def max_budget(self) -> float | None:
+        return METHODS[self.method].max_budget
+
+
+BENCH_METHODS: dict[str, MethodSetup] = {
+    m.label: m
+    for m in (
+        MethodSetup("ensemble", "ensemble", "both models side by side in one network (exact; the upper bound)"),
+        MethodSetup("average", "average", "plain weight averaging, no alignment"),
+        MethodSetup("rebasin-weight", "rebasin", "Git Re-Basin, weight matching; partial merge above 1x",
+                    {"matching": "weight"}),
+        MethodSetup("rebasin-activation", "rebasin", "Git Re-Basin, activation matching; partial merge above 1x",
+                    {"matching": "activation"}),
+        MethodSetup("zipit", "zipit", "ZipIt! (same-model merges allowed; partial zipping above 1x)"),
+        MethodSetup("regmean", "regmean", "the least-squares refit without permutations (RegMean)"),
+        MethodSetup("pleas", "pleas", "PLeaS: activation matching, partial merge, least-squares refit"),
+        MethodSetup("pleas-free", "pleas", "PLeaS calibrated on data from neither domain (the task's free data)",
+                    calibration="free"),
+    )
+}
+
+
+@dataclass
+class BenchConfig:
+    """What to run. ``selection``: (task, arch) pairs; ``seed_pairs``: how many pairs of source models;
+    ``epochs``: training epochs for every architecture (None: each architecture's own)."""
+
+    selection: list[tuple[str, str]]
+    seed_pairs: int = SEED_PAIRS
+    budgets: list[float] = field(default_factory=lambda: list(BUDGETS))
+    methods: list[str] = field(default_factory=lambda: list(BENCH_METHODS))
+    calibration: int = CALIBRATION
+    quick: bool = False
+    epochs: int | None = None
+    batch_size: int = BATCH_SIZE
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in BENCH_METHODS]
+        if unknown:
+            raise MergeInputError(f"unknown method(s) {unknown}; allowed: {list(BENCH_METHODS)}")
+        bad = [b for b in self.budgets if isinstance(b, bool) or not isinstance(b, (int, float)) or not b >= 1.0]
+        if bad:
+            raise MergeInputError(f"budgets {bad} are out of range; allowed: numbers >= 1 (1x = one source model)")
+        for name, value, low in (("seed pairs", self.seed_pairs, 1), ("calibration", self.calibration, 2),
+                                 ("batch size", self.batch_size, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise MergeInputError(f"{name}={value!r}; allowed: an integer >= {low}")
+        if self.epochs is not None and (isinstance(self.epochs, bool) or not isinstance(self.epochs, int)
+                                        or self.epochs < 1):
+            raise MergeInputError(f"epochs={self.epochs!r}; allowed: a positive integer")
+
+    def epochs_for(self, task: str, arch: str) -> int:
+        setup = task_defs.TASKS[task].archs[arch]
+        return self.epochs or (setup.quick_epochs if self.quick else setup.epochs)
+
+    def to_json(self) -> dict:
+        return {"selection": [list(p) for p in self.selection], "seed_pairs": self.seed_pairs,
+                "budgets": list(self.budgets), "methods": list(self.methods), "calibration": self.calibration,
+                "quick": self.quick, "epochs": self.epochs, "batch_size": self.batch_size}
+
+
+def make_config(*, tasks: list[str] | None = None, archs: list[str] | None = None, quick: bool = False,
+                **overrides: Any) -> BenchConfig:
+    """The full configuration, or the ``quick`` one, narrowed to ``tasks`` / ``archs`` and with
+    ``overrides`` (any :class:`BenchConfig` field; None values are ignored)."""
+    if quick and tasks is None and archs is None:
+        selection = list(QUICK_SELECTION)
+    else:
+        selection = task_defs.select(tasks, archs)
+    values: dict[str, Any] = {"selection": selection, "quick": quick}
+    if quick:
+        values.update(seed_pairs=1, budgets=list(QUICK_BUDGETS), calibration=QUICK_CALIBRATION)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return BenchConfig(**values)
+
+
+def plan_merges(methods: list[str], budgets: list[float]) -> tuple[list[tuple[str, float | None]], list[dict]]:
+    """The (method label, budget) merges to run (budget None for fixed-size methods), and a record for
+    each pair left out because the method cannot make that size."""
+    runs: list[tuple[str, float | None]] = []
+    skipped: list[dict] = []
+    for label in methods:
+        setup = BENCH_METHODS[label]
+        if not setup.uses_budget:
+            runs.append((label, None))
+            continue
+        for budget in budgets:
+            if setup.max_budget is not None and budget > setup.max_budget * (1 + 1e-9):
+                skipped.append({"method": label, "budget": float(budget),
+                                "reason": f"makes models of size at most {setup.max_budget:g}x"})
+            else:
+                runs.append((label, float(budget)))
+    return runs, skipped
+
+
+def _accuracies(model, task: task_defs.Task, tests) -> dict[str, float]:
+    separate = task.heads == "separate"
+    return {domain.label: train.evaluate(model, test, output_index=i if separate else None)
+            for i, (domain, test) in enumerate(zip(task.domains, tests))}
+
+
+def run_pair(config: BenchConfig, task_name: str, arch: str, pair: int, bar: tqdm,
+             log: Callable[[str], None]) -> dict[str, list[dict]]:
+    """Everything measured on one seed pair of one (task, arch): its source, floor, merge and skip records."""
+    task = task_defs.TASKS[task_name]
+    where = {"task": task_name, "arch": arch, "pair": pair}
+    a, b = task_defs.source_models(task, arch, pair, config.epochs_for(task_name, arch), log)
+    tests = (a.test_set, b.test_set)
+    records: dict[str, list[dict]] = {"sources": [], "floors": [], "merges": [], "skipped": []}
+    for name, source, seed in zip("AB", (a, b), task_defs.pair_seeds(pair)):
+        if task.heads == "shared":
+            acc = {d.label: train.evaluate(source.model, t) for d, t in zip(task.domains, tests)}
+        else:
+            own = 0 if name == "A" else 1
+            acc = {task.domains[own].label: train.evaluate(source.model, tests[own])}
+        records["sources"].append({**where, "model": name, "seed": seed, "acc": acc,
+                                   "train_seconds": source.train_seconds})
+
+    calibration = {
+        "task": task_defs.task_calibration(a, b, config.calibration, seed=pair),
+        "free": task.free_data(config.calibration, task.archs[arch].resolution, pair),
+    }
+    floor = forward_floor([a.model, b.model], calibration["task"], batch_size=config.batch_size)
+    records["floors"].append({**where, "seconds": floor, "samples": config.calibration})
+
+    runs, skipped = plan_merges(config.methods, config.budgets)
+    records["skipped"] += [{**where, **s} for s in skipped]
+    for label, budget in runs:
+        setup = BENCH_METHODS[label]
+        bar.set_postfix_str(f"{task_name}/{arch} pair {pair}: {label} {budget or ''}", refresh=True)
+        record: dict[str, Any] = {**where, "method": label, "budget": budget}
+        try:
+            with PeakMemory() as memory:
+                start = time.perf_counter()
+                result = merge(a.model, b.model, calibration[setup.calibration], method=setup.method,
+                               budget=budget or 1.0, heads=task.heads, seed=pair, batch_size=config.batch_size,
+                               progress=False, **setup.options)
+                seconds = time.perf_counter() - start
+        except PleasError as exc:
+            kind = "skipped" if isinstance(exc, MergeInputError) else "error"
+            records["skipped"].append({**record, "reason": f"{kind}: {type(exc).__name__}: {exc}"})
+            bar.update(1)
+            continue
+        acc = _accuracies(result.model, task, tests)
+        size = result.report["size"]
+        record.update(
+            acc=acc, mean_acc=sum(acc.values()) / len(acc), dense=size["relative_dense"],
+            effective=size["relative_effective"], seconds=seconds, floor_ratio=seconds / floor,
+            peak_mb=memory.peak_mb, extra_mb=memory.extra_mb, memory_exact=memory.exact,
+            phases=result.report.get("seconds", {}),
+        )
+        records["merges"].append(record)
+        bar.update(1)
+    return records
+
+
+def count_merges(config: BenchConfig) -> int:
+    runs, _ = plan_merges(config.methods, config.budgets)
+    return len(runs) * config.seed_pairs * len(config.selection)
+
+
+def run_benchmark(config: BenchConfig, *, progress: bool = True, log: Callable[[str], None] | None = None,
+                  on_update: Callable[[dict], None] | None = None) -> dict:
+    """Run every merge of ``config``; returns ``{"config", "sources", "floors", "merges", "skipped",
+    "seconds"}`` (``seconds``: per "task/arch", wall time including training). ``on_update(results)`` is
+    called after each (task, arch) with the results so far (e.g. to save them)."""
+    results: dict[str, Any] = {"config": config.to_json(), "sources": [], "floors": [], "merges": [],
+                               "skipped": [], "seconds": {}}
+    bar = tqdm(total=count_merges(config), desc="pleas bench", unit="merge", disable=not progress, dynamic_ncols=True)
+    log = log or (lambda text: tqdm.write(text, file=sys.stderr))
+    try:
+        for task_name, arch in config.selection:
+            start = time.perf_counter()
+            for pair in range(config.seed_pairs):
+                for kind, records in run_pair(config, task_name, arch, pair, bar, log).items():
+                    results[kind] += records
+            results["seconds"][f"{task_name}/{arch}"] = time.perf_counter() - start
+            if on_update is not None:
+                on_update(results)
+    finally:
+        bar.close()
+    return results
