@@ -24,6 +24,7 @@ parser.add_argument("--budgets", default="1.2,1.5")
 parser.add_argument("--metric", default="params")
 parser.add_argument("--calibration", type=int, default=1000)
 parser.add_argument("--method", default="pleas")
+parser.add_argument("--allocations", default="uniform,prefix,greedy,measured")
 parser.add_argument("--options", default="{}", help='method options as JSON, e.g. {"inputs": "teacher"}')
 args = parser.parse_args()
 
@@ -45,7 +46,7 @@ for arch in args.archs.split(","):
     g = torch.Generator().manual_seed(0)
     calib = torch.cat([trains[t].x[torch.randperm(len(trains[t]), generator=g)[: args.calibration // 2]] for t in trains])
     for budget in [float(b) for b in args.budgets.split(",")]:
-        for allocation in ("uniform", "prefix", "greedy", "measured"):
+        for allocation in args.allocations.split(","):
             start = time.perf_counter()
             r = pleas.merge(models["A"], models["B"], calib, method=args.method, budget=budget,
                             heads="shared" if shared else "separate",
