@@ -196,9 +196,11 @@ def merge_speed(s: Summary) -> Finding:
         text += " PLeaS at 1x takes " + ", ".join(ratios) + " the forward floor."
     table = fmt.table(["task / arch", "floor (s)", "PLeaS 1x (s)", "ratio 1x", "largest ratio (budget)",
                        f"{SPEED_ARCH} target"], rows)
+    samples = s.results.get("config", {}).get("calibration")
     return Finding("PLeaS merge time against the forward floor",
                    f"A PLeaS merge of {SPEED_ARCH} takes at most {FLOOR_TARGET:g}x the forward floor (the time for "
-                   "models A and B to run once over the calibration data).", text, table, holds)
+                   f"models A and B to run once over the calibration data, here {samples} samples).", text, table,
+                   holds)
 
 
 def all_findings(s: Summary) -> list[Finding]:

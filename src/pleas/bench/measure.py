@@ -6,10 +6,16 @@
   kernel's mark (``VmHWM``) is reset before the block (``/proc/self/clear_refs``), so the peak is that
   of the block alone, with every allocation counted (torch's, numpy's, Python's). Elsewhere, or where the
   reset is not allowed, it falls back to ``getrusage``'s lifetime peak, which only shows a block's use
-  when the block sets a new lifetime record; ``exact`` tells which one was measured.
+  when the block sets a new lifetime record; ``exact`` tells which one was measured. Before the block,
+  garbage is collected and, with glibc, freed heap memory is returned to the system (``malloc_trim``), so
+  memory that earlier work freed but the allocator kept does not hide the block's own growth.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+import gc
 import resource
 import statistics
 import sys
@@ -63,12 +69,31 @@ def _maxrss_kib() -> int:
     return peak // 1024 if sys.platform == "darwin" else peak  # bytes on macOS, KiB on Linux
 
 
+@functools.lru_cache(maxsize=1)
+def _libc_malloc_trim():
+    """glibc's ``malloc_trim``, or None where there is none."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_memory() -> None:
+    """Collect garbage and hand the allocator's free memory back to the system (glibc only)."""
+    gc.collect()
+    trim = _libc_malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 class PeakMemory:
     """Context manager: ``peak_mb`` is the resident-memory peak (MiB) during the block, ``extra_mb`` that
     peak minus the resident memory at its start (what the block added), ``exact`` whether the peak was
     the block's own (Linux) or the process's lifetime peak (see the module docstring)."""
 
     def __enter__(self) -> "PeakMemory":
+        release_free_memory()
         self.exact = False
         try:
             _CLEAR_REFS.write_text("5")  # reset VmHWM to the current resident size (Linux >= 4.0)
