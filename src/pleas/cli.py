@@ -248,8 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="the benchmark suite: every method on real tasks, written to BENCHMARKS.md with plots",
         description="Trains pairs of source models (cached under $PLEAS_CACHE or ~/.cache/pleas) on MNIST halves, "
         "MNIST vs UCI digits and MNIST-1D halves, merges them with every method at every budget, and writes "
-        "BENCHMARKS.md, plots and the raw results (docs/bench/results.json) under --out. About half an hour "
-        "on 2 CPU cores; --quick takes well under a minute.",
+        "BENCHMARKS.md, plots and the raw results (docs/bench/results.json) under --out. The full run takes "
+        "roughly half an hour on 2 CPU cores (the first time; trained models are cached); --quick takes seconds.",
     )
     p.add_argument("--out", default=".", help="directory of BENCHMARKS.md; plots and results go to OUT/docs/bench "
                    "(default: the current directory)")

@@ -25,7 +25,7 @@ def _pyplot():
 def plot_combo(summary: Summary, task: str, arch: str, path: Path) -> Path:
     """Mean accuracy over both domains against dense size for every method on (task, arch), saved to ``path``."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(7.6, 4.2))
     try:
         for method in summary.methods():
             budgets = [b for b in summary.budgets(task, arch, method) if b is not None]
@@ -55,7 +55,7 @@ def plot_combo(summary: Summary, task: str, arch: str, path: Path) -> Path:
         ax.set_ylabel("mean accuracy over both domains")
         ax.set_title(f"{task} / {arch}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=100)
