@@ -51,3 +51,7 @@ if args.profile:
 print(f"{args.method} {options} merge at 1x: {total:.2f} s = {total / floor:.2f} x the forward floor")
 for k, v in result.report["seconds"].items():
     print(f"  {k:8s} {v:7.2f} s")
+import resource  # noqa: E402
+
+print(f"peak resident memory of the process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB "
+      f"(data {data.numel() * 4 / 2**30:.2f} GiB)")

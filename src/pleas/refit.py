@@ -94,7 +94,9 @@ class LayerStats:
     def error(self, w: torch.Tensor) -> float:
         """||X W^T - Y||^2 / ||Y||^2 for a flattened weight w (m_out, P), from the sums alone."""
         seen = (self.gram.diagonal() > 0).nonzero().squeeze(1)  # unseen columns add nothing
-        w, g, c = w[:, seen], self.gram[seen[:, None], seen], self.cross[seen]
+        g, c = self.gram, self.cross
+        if len(seen) < len(g):
+            w, g, c = w[:, seen], g[seen[:, None], seen], c[seen]
         quad = (w @ g * w).sum() - 2 * (w * c.T).sum() + self.target_sq
         return float(quad.clamp_min(0)) / max(self.target_sq, 1e-30)
 
@@ -246,10 +248,19 @@ def _chunks(layers: list[Layer], params: dict, limit: int):
         yield chunk
 
 
-def _empty_stats(layer: Layer, params: dict) -> LayerStats:
+def _empty_stats(layer: Layer, params: dict, workspace: list | None = None) -> LayerStats:
+    """Zeroed sums for ``layer``. With ``workspace`` (a one-element list), G and C are views of one
+    float64 buffer kept across layers: zeroing memory already mapped is far cheaper than mapping a
+    new Gram matrix per layer. Only for layers solved one at a time."""
     p = _weight_columns(layer, params)
     m_out = params[f"{layer.name}.weight"].shape[0]
-    return LayerStats(torch.zeros(p, p, dtype=torch.float64), torch.zeros(p, m_out, dtype=torch.float64))
+    if workspace is None:
+        return LayerStats(torch.zeros(p, p, dtype=torch.float64), torch.zeros(p, m_out, dtype=torch.float64))
+    need = p * p + p * m_out
+    if workspace[0] is None or workspace[0].numel() < need:
+        workspace[0] = torch.empty(need, dtype=torch.float64)
+    buf = workspace[0][:need].zero_()
+    return LayerStats(buf[: p * p].view(p, p), buf[p * p :].view(p, m_out))
 
 
 def _row_limit(columns: int, options: RefitOptions, n_batches: int) -> int:
@@ -295,13 +306,16 @@ def _refit_propagated(sources, merged, layers, maps, batches, params, options, s
     for layer in layers:
         picks[layer.name], targets[layer.name] = samples.take(layer, maps, len(frontier.batches))
     by_node = {layer.out_node: layer for layer in layers}
-    entries = []
+    # One Gram buffer for every layer, mapped once at the size of the largest.
+    need = max((_weight_columns(la, params) * (_weight_columns(la, params) + params[f"{la.name}.weight"].shape[0])
+                for la in layers), default=0)
+    entries, workspace = [], [torch.empty(need, dtype=torch.float64)]
     bar = tqdm(total=len(layers), desc="least-squares refit", disable=not options.progress, leave=False)
     with torch.no_grad():
         for node in frontier.nodes():
             layer = by_node.get(node.name)
             if layer is not None:
-                st = _empty_stats(layer, params)
+                st = _empty_stats(layer, params, workspace)
                 for x, pick, y in zip(frontier.values(layer.in_node), picks.pop(layer.name), targets.pop(layer.name)):
                     xr, blocks = _inputs(layer, [x], pick, maps, bias=f"{layer.name}.bias" in params, merged=True)
                     st.update(xr, y, blocks)
@@ -574,12 +588,14 @@ def _solve_into(layer: Layer, st: LayerStats, params: dict, maps, n: int, opt: R
 def _ridge_solve(st: LayerStats, rows, cols, w0, lam: float, opt: RefitOptions) -> torch.Tensor:
     """min_W ||X_J W^T - Y_rows||^2 + lam ||W - W0||^2 over the allowed columns J: (G_JJ + lam I) W^T =
     C_J,rows + lam W0^T. Cholesky in float64; Adam on the same objective when ``opt.method == 'adam'``."""
-    g = st.gram[cols[:, None], cols]
-    c = st.cross[cols[:, None], rows]
+    every_col = len(cols) == st.gram.shape[0]
+    g = st.gram if every_col else st.gram[cols[:, None], cols]
+    c = st.cross[:, rows] if every_col else st.cross[cols[:, None], rows]
     start = w0[rows[:, None], cols]
     if opt.method == "adam":
         return _adam(g, c, start, lam, opt)
-    a = g + lam * torch.eye(len(cols), dtype=g.dtype)
+    a = g.clone()
+    a.diagonal().add_(lam)
     rhs = c + lam * start.T
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) == 0:

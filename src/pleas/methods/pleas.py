@@ -33,7 +33,7 @@ class PLeaS(Rebasin):
 
     name = "pleas"
 
-    def __init__(self, *, ridge: float = 1e-2, mask: bool = True, refit: str = "exact", oversample: int = 8,
+    def __init__(self, *, ridge: float = 1e-2, mask: bool = True, refit: str = "exact", oversample: int = 4,
                  adam_steps: int = 300, adam_lr: float = 1e-3, fold_bn: bool = False, inputs: str = "propagated",
                  merge_counts=None, allocation: str | None = None):
         super().__init__(merge_counts=merge_counts, allocation=allocation)
