@@ -55,12 +55,41 @@ class Layer:
 
 @dataclass
 class LayerStats:
-    """Streamed sums for one layer: G (P, P), C (P, m_out), sum of squared targets, sample count."""
+    """Streamed sums for one layer: G (P, P), C (P, m_out), sum of squared targets, sample count.
+
+    With ``index``, the sums hold only those columns of the layer's P (a conv's taps that can ever
+    read inside its input: on a 1x1 map a 3x3 conv has one), and every other column counts as never
+    seen. Rows and weights are always given over all P columns."""
 
     gram: torch.Tensor
     cross: torch.Tensor
     target_sq: float = 0.0
     count: int = 0
+    index: torch.Tensor | None = None
+    columns: int | None = None  # P, when ``index`` holds fewer
+
+    def __post_init__(self):
+        self.columns = self.columns or self.gram.shape[0]
+        self._lookup = None
+        if self.index is not None:
+            self._lookup = torch.full((self.columns,), -1, dtype=torch.long)
+            self._lookup[self.index] = torch.arange(len(self.index))
+
+    def local(self, cols: torch.Tensor) -> torch.Tensor:
+        """Positions in G and C of the layer's columns ``cols``."""
+        return cols if self._lookup is None else self._lookup[cols]
+
+    def seen(self) -> torch.Tensor:
+        """(P,) bool: the columns some sample reached."""
+        if self.index is None:
+            return self.gram.diagonal() > 0
+        mask = torch.zeros(self.columns, dtype=torch.bool)
+        mask[self.index[self.gram.diagonal() > 0]] = True
+        return mask
+
+    def scale(self) -> float:
+        """trace(G) / P, the data's own scale for the ridge."""
+        return float(self.gram.diagonal().sum()) / self.columns
 
     def update(self, x: torch.Tensor, y: torch.Tensor, blocks: list | None = None) -> None:
         """Add one batch of rows. The batch's products run in float32 (a few thousand rows at most);
@@ -71,10 +100,18 @@ class LayerStats:
         then adds its own smaller product."""
         self.target_sq += float((y.double() ** 2).sum())
         self.count += x.shape[0]
-        for rows, cols in blocks if blocks is not None else [(None, None)]:
-            xb = x if rows is None else x[rows]
-            yb = y if rows is None else y[rows]
-            self._add(xb if cols is None else xb[:, cols], yb, cols)
+        if blocks is None:
+            if self.index is None:
+                self._add(x, y, None)
+            else:
+                self._add(x[:, self.index], y, self.index_local)
+            return
+        for rows, cols in blocks:
+            self._add(x[rows][:, cols], y[rows], self.local(cols))
+
+    @property
+    def index_local(self) -> torch.Tensor:
+        return torch.arange(len(self.index))
 
     def _add(self, x: torch.Tensor, y: torch.Tensor, cols: torch.Tensor | None) -> None:
         active = (x != 0).any(0).nonzero().squeeze(1)
@@ -93,6 +130,8 @@ class LayerStats:
 
     def error(self, w: torch.Tensor) -> float:
         """||X W^T - Y||^2 / ||Y||^2 for a flattened weight w (m_out, P), from the sums alone."""
+        if self.index is not None:
+            w = w[:, self.index]
         seen = (self.gram.diagonal() > 0).nonzero().squeeze(1)  # unseen columns add nothing
         g, c = self.gram, self.cross
         if len(seen) < len(g):
@@ -248,19 +287,44 @@ def _chunks(layers: list[Layer], params: dict, limit: int):
         yield chunk
 
 
-def _empty_stats(layer: Layer, params: dict, workspace: list | None = None) -> LayerStats:
-    """Zeroed sums for ``layer``. With ``workspace`` (a one-element list), G and C are views of one
-    float64 buffer kept across layers: zeroing memory already mapped is far cheaper than mapping a
-    new Gram matrix per layer. Only for layers solved one at a time."""
+def _empty_stats(layer: Layer, params: dict, workspace: list | None = None,
+                 index: torch.Tensor | None = None) -> LayerStats:
+    """Zeroed sums for ``layer`` (over the columns ``index`` only, if given). With ``workspace`` (a
+    one-element list), G and C are views of one float64 buffer kept across layers: zeroing memory
+    already mapped is far cheaper than mapping a new Gram matrix per layer. Only for layers solved
+    one at a time."""
     p = _weight_columns(layer, params)
+    k = p if index is None else len(index)
     m_out = params[f"{layer.name}.weight"].shape[0]
     if workspace is None:
-        return LayerStats(torch.zeros(p, p, dtype=torch.float64), torch.zeros(p, m_out, dtype=torch.float64))
-    need = p * p + p * m_out
-    if workspace[0] is None or workspace[0].numel() < need:
-        workspace[0] = torch.empty(need, dtype=torch.float64)
-    buf = workspace[0][:need].zero_()
-    return LayerStats(buf[: p * p].view(p, p), buf[p * p :].view(p, m_out))
+        gram, cross = torch.zeros(k, k, dtype=torch.float64), torch.zeros(k, m_out, dtype=torch.float64)
+    else:
+        need = k * k + k * m_out
+        if workspace[0] is None or workspace[0].numel() < need:
+            workspace[0] = torch.empty(need, dtype=torch.float64)
+        buf = workspace[0][:need].zero_()
+        gram, cross = buf[: k * k].view(k, k), buf[k * k :].view(k, m_out)
+    return LayerStats(gram, cross, index=index, columns=p)
+
+
+def _reachable_columns(layer: Layer, in_shape: tuple, bias: bool) -> torch.Tensor | None:
+    """A conv's columns (channel x tap [+ bias]) whose tap reads inside an input of ``in_shape`` at
+    some output position, or None when every one does (and for Linear layers)."""
+    if not layer.is_conv:
+        return None
+    kernel, stride, pad, dil = _conv_geometry(layer.module)
+    size = (1, in_shape[-1]) if len(in_shape) == 3 else tuple(in_shape[-2:])
+    ok = []
+    for d in range(2):
+        out = (size[d] + 2 * pad[d] - dil[d] * (kernel[d] - 1) - 1) // stride[d] + 1
+        pos = torch.arange(out)[:, None] * stride[d] + torch.arange(kernel[d])[None, :] * dil[d] - pad[d]
+        ok.append(((pos >= 0) & (pos < size[d])).any(0))
+    taps = (ok[0][:, None] & ok[1][None, :]).flatten().nonzero().squeeze(1)
+    if len(taps) == kernel[0] * kernel[1]:
+        return None
+    c = in_shape[1]
+    cols = (torch.arange(c)[:, None] * (kernel[0] * kernel[1]) + taps[None, :]).reshape(-1)
+    return torch.cat([cols, torch.tensor([c * kernel[0] * kernel[1]])]) if bias else cols
 
 
 def _row_limit(columns: int, options: RefitOptions, n_batches: int) -> int:
@@ -279,7 +343,7 @@ def _collect(sources, layers, maps, batches, n_batches, params, options) -> dict
             for layer in layers:
                 st = stats[layer.name]
                 xr, yr, blocks = _rows(layer, [t[layer.in_node] for t in taps], [t[layer.out_node] for t in taps],
-                                       maps, _row_limit(st.gram.shape[0], options, n_batches), gen,
+                                       maps, _row_limit(st.columns, options, n_batches), gen,
                                        bias=f"{layer.name}.bias" in params)
                 st.update(xr, yr, blocks)
     return stats
@@ -306,16 +370,15 @@ def _refit_propagated(sources, merged, layers, maps, batches, params, options, s
     for layer in layers:
         picks[layer.name], targets[layer.name] = samples.take(layer, maps, len(frontier.batches))
     by_node = {layer.out_node: layer for layer in layers}
-    # One Gram buffer for every layer, mapped once at the size of the largest.
-    need = max((_weight_columns(la, params) * (_weight_columns(la, params) + params[f"{la.name}.weight"].shape[0])
-                for la in layers), default=0)
-    entries, workspace = [], [torch.empty(need, dtype=torch.float64)]
+    entries, workspace = [], [None]  # one Gram buffer for every layer
     bar = tqdm(total=len(layers), desc="least-squares refit", disable=not options.progress, leave=False)
     with torch.no_grad():
         for node in frontier.nodes():
             layer = by_node.get(node.name)
             if layer is not None:
-                st = _empty_stats(layer, params, workspace)
+                xs = frontier.values(layer.in_node)
+                bias = f"{layer.name}.bias" in params
+                st = _empty_stats(layer, params, workspace, _reachable_columns(layer, tuple(xs[0].shape), bias))
                 for x, pick, y in zip(frontier.values(layer.in_node), picks.pop(layer.name), targets.pop(layer.name)):
                     xr, blocks = _inputs(layer, [x], pick, maps, bias=f"{layer.name}.bias" in params, merged=True)
                     st.update(xr, y, blocks)
@@ -563,7 +626,12 @@ def _solve_into(layer: Layer, st: LayerStats, params: dict, maps, n: int, opt: R
     if bias is not None:
         own_in = torch.cat([own_in, torch.ones(n, 1, dtype=torch.bool)], 1)
     before = st.error(w0)
-    lam = opt.ridge * float(st.gram.diagonal().mean())
+    lam = opt.ridge * st.scale()
+    seen = st.seen()
+    exact = opt.method != "adam"
+    if exact:
+        st.gram.diagonal().add_(lam)  # every row pattern solves with G_JJ + lam I; undone below
+    quad = st.target_sq  # ||X W^T - Y||^2 after the solve, accumulated per pattern (exact solves)
     w = w0.clone()
     patterns = {} if opt.mask else {None: torch.arange(m_out)}
     if opt.mask:
@@ -574,10 +642,20 @@ def _solve_into(layer: Layer, st: LayerStats, params: dict, maps, n: int, opt: R
         allowed = torch.ones(p, dtype=torch.bool) if key is None else (torch.tensor(key)[:, None] & own_in).any(0)
         w[rows[:, None], (~allowed).nonzero().squeeze(1)] = 0.0
         # Columns the data never reaches keep their initial weight: for them the ridge solution is W_0.
-        cols = (allowed & (st.gram.diagonal() > 0)).nonzero().squeeze(1)
+        cols = (allowed & seen).nonzero().squeeze(1)
         if len(cols):
-            w[rows[:, None], cols] = _ridge_solve(st, rows, cols, w0, lam, opt)
-    after = st.error(w)
+            start = w0[rows[:, None], cols]
+            sol, c = _ridge_solve(st, rows, cols, start, lam, opt)
+            w[rows[:, None], cols] = sol
+            if exact:
+                # The solution satisfies W (G + lam I) = C^T + lam W0, so W G W^T needs no product with G:
+                # ||X W^T - Y||^2 = sum(lam (W0 - W) * W - W * C^T) + ||Y||^2 over the pattern.
+                quad += float((lam * (start - sol) * sol - sol * c.T).sum())
+    if exact:
+        st.gram.diagonal().sub_(lam)
+        after = max(quad, 0.0) / max(st.target_sq, 1e-30)
+    else:
+        after = st.error(w)
     with torch.no_grad():
         weight.copy_(w[:, : weight[0].numel()].reshape(weight.shape).to(weight.dtype))
         if bias is not None:
@@ -585,22 +663,22 @@ def _solve_into(layer: Layer, st: LayerStats, params: dict, maps, n: int, opt: R
     return {"layer": layer.name, "rows": st.count, "columns": p, "error_before": before, "error_after": after}
 
 
-def _ridge_solve(st: LayerStats, rows, cols, w0, lam: float, opt: RefitOptions) -> torch.Tensor:
+def _ridge_solve(st: LayerStats, rows, cols, start, lam: float, opt: RefitOptions):
     """min_W ||X_J W^T - Y_rows||^2 + lam ||W - W0||^2 over the allowed columns J: (G_JJ + lam I) W^T =
-    C_J,rows + lam W0^T. Cholesky in float64; Adam on the same objective when ``opt.method == 'adam'``."""
-    every_col = len(cols) == st.gram.shape[0]
-    g = st.gram if every_col else st.gram[cols[:, None], cols]
-    c = st.cross[:, rows] if every_col else st.cross[cols[:, None], rows]
-    start = w0[rows[:, None], cols]
+    C_J,rows + lam W0^T, with ``start`` = W0[rows, J]. Cholesky in float64, where ``st.gram`` already
+    holds the lam I; Adam on the same objective when ``opt.method == 'adam'``. Returns W[rows, J] and
+    C_J,rows."""
+    local = st.local(cols)
+    every_col = len(cols) == st.gram.shape[0]  # then ``local`` is 0 ... P-1 in order
+    g = st.gram if every_col else st.gram[local[:, None], local]
+    c = st.cross[:, rows] if every_col else st.cross[local[:, None], rows]
     if opt.method == "adam":
-        return _adam(g, c, start, lam, opt)
-    a = g.clone()
-    a.diagonal().add_(lam)
+        return _adam(g, c, start, lam, opt), c
     rhs = c + lam * start.T
-    chol, info = torch.linalg.cholesky_ex(a)
+    chol, info = torch.linalg.cholesky_ex(g)
     if int(info) == 0:
-        return torch.cholesky_solve(rhs, chol).T
-    return torch.linalg.lstsq(a, rhs).solution.T
+        return torch.cholesky_solve(rhs, chol).T, c
+    return torch.linalg.lstsq(g, rhs).solution.T, c
 
 
 def _adam(g, c, start, lam: float, opt: RefitOptions) -> torch.Tensor:

@@ -27,13 +27,14 @@ class PLeaS(Rebasin):
       objective (the reference implementation's refit; ``adam_steps``, ``adam_lr``).
     - ``fold_bn``: fold BatchNorm into the preceding conv first; the refit then targets normalised
       pre-activations and no statistics are reset (measured worse with teacher forcing).
-    - ``oversample``: samples kept per input column for each layer's statistics.
+    - ``oversample``, ``min_rows``: each layer's statistics keep ``max(oversample * columns, min_rows)``
+      samples (positions of a conv's output, rows of a Linear's), spread over the batches.
     - ``merge_counts``: k_g per group instead of the uniform fraction that meets ``budget``.
     """
 
     name = "pleas"
 
-    def __init__(self, *, ridge: float = 1e-2, mask: bool = True, refit: str = "exact", oversample: int = 4,
+    def __init__(self, *, ridge: float = 1e-2, mask: bool = True, refit: str = "exact", oversample: int = 4, min_rows: int = 4096,
                  adam_steps: int = 300, adam_lr: float = 1e-3, fold_bn: bool = False, inputs: str = "propagated",
                  merge_counts=None, allocation: str | None = None):
         super().__init__(merge_counts=merge_counts, allocation=allocation)
@@ -45,7 +46,7 @@ class PLeaS(Rebasin):
             raise MergeInputError(f"inputs={inputs!r}; allowed: 'teacher', 'propagated'")
         if ridge < 0:
             raise MergeInputError(f"ridge={ridge} must be >= 0")
-        self.options = dict(ridge=float(ridge), mask=bool(mask), method=refit, oversample=int(oversample),
+        self.options = dict(ridge=float(ridge), mask=bool(mask), method=refit, oversample=int(oversample), min_rows=int(min_rows),
                             adam_steps=int(adam_steps), adam_lr=float(adam_lr), inputs=inputs)
         self.fold_bn = bool(fold_bn)
 
