@@ -253,3 +253,21 @@ def test_stat():
     s = Stat.of([1.0, 2.0, 3.0])
     assert (s.mean, s.std, s.lo, s.hi, s.n) == (2.0, 1.0, 1.0, 3.0, 3)
     assert Stat.of([5.0]).std == 0.0
+
+
+def test_speed_against_calibration_size_is_reported():
+    results = _results(GOOD, pleas_seconds=9.0)
+    results["speed"] = [{"task": "t", "arch": "resnet18", "samples": n, "floor": f, "seconds": sec,
+                         "floor_ratio": sec / f} for n, f, sec in ((1000, 0.5, 3.5), (2000, 1.0, 4.6), (4000, 2.0, 7.6))]
+    speed = findings.merge_speed(Summary(results))
+    assert speed.holds is False  # the run's own merges miss; the scaling does not change the verdict
+    assert "1000 samples 7.0x, 2000 samples 4.6x, 4000 samples 3.8x" in speed.verdict
+    assert "the 5x target holds from 2000 samples" in speed.verdict
+    assert "| 4000 | 2.000 | 7.60 | 3.8x |" in speed.table
+    results["speed"] = results["speed"][:1]
+    assert "holds at none of these sizes" in findings.merge_speed(Summary(results)).verdict
+
+
+def test_speed_scaling_is_skipped_in_quick_runs_and_without_resnet18():
+    assert run.speed_scaling(run.make_config(quick=True), log=lambda _: None) == []
+    assert run.speed_scaling(run.make_config(archs=["mlp"]), log=lambda _: None) == []

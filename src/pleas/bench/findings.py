@@ -196,6 +196,17 @@ def merge_speed(s: Summary) -> Finding:
         text += " PLeaS at 1x takes " + ", ".join(ratios) + " the forward floor."
     table = fmt.table(["task / arch", "floor (s)", "PLeaS 1x (s)", "ratio 1x", "largest ratio (budget)",
                        f"{SPEED_ARCH} target"], rows)
+    scaling = s.results.get("speed") or []
+    if scaling:
+        meets = [r for r in scaling if r["floor_ratio"] <= FLOOR_TARGET]
+        text += (f" Against calibration size ({scaling[0]['task']} / {SPEED_ARCH}, pair 0): "
+                 + ", ".join(f"{r['samples']} samples {r['floor_ratio']:.1f}x" for r in scaling) + "; "
+                 + (f"the {FLOOR_TARGET:g}x target holds from {meets[0]['samples']} samples."
+                    if meets else f"the {FLOOR_TARGET:g}x target holds at none of these sizes."))
+        table += "\n\n" + fmt.table(
+            ["calibration samples", "floor (s)", "PLeaS 1x (s)", "ratio"],
+            [[str(r["samples"]), f"{r['floor']:.3f}", f"{r['seconds']:.2f}", f"{r['floor_ratio']:.1f}x"]
+             for r in scaling])
     samples = s.results.get("config", {}).get("calibration")
     return Finding("PLeaS merge time against the forward floor",
                    f"A PLeaS merge of {SPEED_ARCH} takes at most {FLOOR_TARGET:g}x the forward floor (the time for "

@@ -18,6 +18,7 @@ from ..api import merge
 from ..errors import MergeInputError, PleasError
 from ..experiments import train
 from ..methods import METHODS
+from .findings import SPEED_ARCH
 from . import tasks as task_defs
 from .measure import PeakMemory, forward_floor
 
@@ -207,6 +208,37 @@ def run_pair(config: BenchConfig, task_name: str, arch: str, pair: int, bar: tqd
     return records
 
 
+#: Calibration sizes at which the PLeaS-versus-forward-floor ratio of resnet18 is measured again.
+SCALING_SIZES = (1000, 2000, 4000)
+
+
+def speed_scaling(config: BenchConfig, log: Callable[[str], None]) -> list[dict]:
+    """PLeaS at 1x on the first selected task's resnet18 pair 0, timed against the forward floor at each
+    of :data:`SCALING_SIZES` calibration samples the task's data can give (skipped in quick runs and
+    when resnet18 or pleas is not in the run). The fixed costs of the refit (Gram matrices, solves)
+    do not grow with the data, the forward floor does: this shows how the ratio falls."""
+    chosen = next((t for t, a in config.selection if a == SPEED_ARCH), None)
+    if config.quick or chosen is None or "pleas" not in config.methods:
+        return []
+    task = task_defs.TASKS[chosen]
+    a, b = task_defs.source_models(task, SPEED_ARCH, 0, config.epochs_for(chosen, SPEED_ARCH), log)
+    setup = BENCH_METHODS["pleas"]
+    rows = []
+    for samples in SCALING_SIZES:
+        try:
+            data = task_defs.task_calibration(a, b, samples, seed=0)
+        except MergeInputError:
+            continue
+        floor = forward_floor([a.model, b.model], data, batch_size=config.batch_size)
+        start = time.perf_counter()
+        merge(a.model, b.model, data, method=setup.method, budget=1.0, heads=task.heads, seed=0,
+              batch_size=config.batch_size, progress=False, **setup.options)
+        seconds = time.perf_counter() - start
+        rows.append({"task": chosen, "arch": SPEED_ARCH, "samples": samples, "floor": floor,
+                     "seconds": seconds, "floor_ratio": seconds / floor})
+    return rows
+
+
 def count_merges(config: BenchConfig) -> int:
     runs, _ = plan_merges(config.methods, config.budgets)
     return len(runs) * config.seed_pairs * len(config.selection)
@@ -230,6 +262,8 @@ def run_benchmark(config: BenchConfig, *, progress: bool = True, log: Callable[[
             results["seconds"][f"{task_name}/{arch}"] = time.perf_counter() - start
             if on_update is not None:
                 on_update(results)
+        bar.set_postfix_str("PLeaS time against calibration size", refresh=True)
+        results["speed"] = speed_scaling(config, log)
     finally:
         bar.close()
     return results
