@@ -40,7 +40,6 @@ class MergeJob:
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
     #: Extra observers (see :func:`pleas.stats.source_pass`) that ride along on the moments pass.
     observers: list = field(default_factory=list, repr=False)
-    _observed: list = field(default_factory=list, repr=False)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -109,12 +108,7 @@ class MergeJob:
                 self.models, self.spec, self.data, progress=self.progress, max_rows=per_batch, seed=self.seed,
                 observers=self.observers,
             )
-            self._observed = list(self.observers)
         return self._cache["moments"]
-
-    def saw(self, observer) -> bool:
-        """Whether ``observer`` rode along on the moments pass (it ran after the observer was added)."""
-        return any(o is observer for o in self._observed)
 
     def match(self):
         """The matching of B's units to A's (``self.matching`` decides how), cached."""

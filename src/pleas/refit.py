@@ -101,17 +101,10 @@ class LayerStats:
         self.target_sq += float((y.double() ** 2).sum())
         self.count += x.shape[0]
         if blocks is None:
-            if self.index is None:
-                self._add(x, y, None)
-            else:
-                self._add(x[:, self.index], y, self.index_local)
+            self._add(x if self.index is None else x[:, self.index], y, None)
             return
         for rows, cols in blocks:
             self._add(x[rows][:, cols], y[rows], self.local(cols))
-
-    @property
-    def index_local(self) -> torch.Tensor:
-        return torch.arange(len(self.index))
 
     def _add(self, x: torch.Tensor, y: torch.Tensor, cols: torch.Tensor | None) -> None:
         active = (x != 0).any(0).nonzero().squeeze(1)
@@ -241,6 +234,7 @@ class TargetSampler:
         self.gen = torch.Generator().manual_seed(options.seed)
         self.picks: dict[str, list] = {layer.name: [] for layer in layers}
         self.rows: dict[str, list] = {layer.name: [] for layer in layers}
+        self.batches = 0  # batches seen
 
     @classmethod
     def for_budget(cls, source: nn.Module, spec: PermutationSpec, budget: float, options: RefitOptions,
@@ -254,6 +248,7 @@ class TargetSampler:
         return cls(layers, columns, options, n_batches)
 
     def update(self, taps: list[dict]) -> None:
+        self.batches += 1
         for layer in self.layers:
             ys = [t[layer.out_node] for t in taps]
             pick = _pick(layer, ys[0].shape, self.limits[layer.name], self.gen)
@@ -366,9 +361,6 @@ def _refit_propagated(sources, merged, layers, maps, batches, params, options, s
         columns = {layer.name: _weight_columns(layer, params) for layer in layers}
         samples = TargetSampler(layers, columns, options, len(frontier.batches))
         source_pass(sources, frontier.batches, [samples], progress=options.progress, desc="least-squares targets")
-    picks, targets = {}, {}
-    for layer in layers:
-        picks[layer.name], targets[layer.name] = samples.take(layer, maps, len(frontier.batches))
     by_node = {layer.out_node: layer for layer in layers}
     entries, workspace = [], [None]  # one Gram buffer for every layer
     bar = tqdm(total=len(layers), desc="least-squares refit", disable=not options.progress, leave=False)
@@ -379,14 +371,14 @@ def _refit_propagated(sources, merged, layers, maps, batches, params, options, s
                 xs = frontier.values(layer.in_node)
                 bias = f"{layer.name}.bias" in params
                 st = _empty_stats(layer, params, workspace, _reachable_columns(layer, tuple(xs[0].shape), bias))
-                for x, pick, y in zip(frontier.values(layer.in_node), picks.pop(layer.name), targets.pop(layer.name)):
-                    xr, blocks = _inputs(layer, [x], pick, maps, bias=f"{layer.name}.bias" in params, merged=True)
+                for x, pick, y in zip(xs, *samples.take(layer, maps, len(frontier.batches))):
+                    xr, blocks = _inputs(layer, [x], pick, maps, bias=bias, merged=True)
                     st.update(xr, y, blocks)
                 entries.append(_solve_into(layer, st, params, maps, len(sources), options))
                 bar.update()
             elif options.reset_norms:
                 frontier.reset_norm(node)
-            if not picks and not (options.reset_norms and frontier.norms_after(node)):
+            if len(entries) == len(layers) and not (options.reset_norms and frontier.norms_after(node)):
                 break  # nothing left to change
             frontier.advance(node)
     bar.close()
@@ -408,11 +400,11 @@ class _Frontier:
         self.gm = trace_graph(model)  # shares the model's modules: changes land in the model
         self.modules = dict(self.gm.named_modules())
         self.norm_ids = {id(m) for m in batchnorms(model)}
-        order = [n for n in self.gm.graph.nodes if n.op != "output"]
-        self._position = {n.name: i for i, n in enumerate(order)}
-        self._last_use = {n.name: max((self._position.get(u.name, len(order)) for u in n.users), default=-1)
-                          for n in order}
-        self._last_norm = max((i for i, n in enumerate(order) if self._is_norm(n)), default=-1)
+        self._order = [n for n in self.gm.graph.nodes if n.op != "output"]
+        self._position = {n.name: i for i, n in enumerate(self._order)}
+        self._last_use = {n.name: max((self._position.get(u.name, len(self._order)) for u in n.users), default=-1)
+                          for n in self._order}
+        self._last_norm = max((i for i, n in enumerate(self._order) if self._is_norm(n)), default=-1)
         batches = iter(batches)
         first = next(batches)
         per_sample = self._peak_live_bytes(first) / first.shape[0]
@@ -425,10 +417,9 @@ class _Frontier:
             used += x.shape[0]
         self.env: list[dict] = [{} for _ in self.batches]
 
-    def nodes(self):
-        for node in self.gm.graph.nodes:
-            if node.op != "output":
-                yield node
+    def nodes(self) -> list[fx.Node]:
+        """Every node but the output, in graph order."""
+        return self._order
 
     def values(self, name: str) -> list[torch.Tensor]:
         return [env[name] for env in self.env]

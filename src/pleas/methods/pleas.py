@@ -64,7 +64,7 @@ class PLeaS(Rebasin):
         maps = super().plan(job)
         if self.options["inputs"] == "propagated":
             job.observers.remove(sampler)
-            self._samples = sampler if job.saw(sampler) else None
+            self._samples = sampler if sampler.batches else None  # None: no moments pass ran with it
         return maps
 
     def refit_options(self, job) -> RefitOptions:
