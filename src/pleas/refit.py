@@ -19,9 +19,11 @@ import math
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from scipy.linalg import blas
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -31,6 +33,23 @@ from .norms import batchnorms
 from .stats import source_pass, tapped
 from .plans import unit_owners
 from .transform import GroupMap, combine_activations
+
+
+#: Products x^T x with fewer multiply-adds than this run in float64.
+SMALL_PRODUCT = 1 << 24
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """x^T x as float64, for rows x (n, k). Large products are one float32 symmetric rank-n update
+    (BLAS ``ssyrk``: half the work of a general product) whose upper triangle is mirrored; small
+    ones, where the cost does not matter, run in float64."""
+    if x.dtype != torch.float32 or x.shape[0] * x.shape[1] ** 2 < SMALL_PRODUCT:
+        x = x.double()
+        return x.T @ x
+    a = x.detach().cpu().contiguous().numpy()
+    upper = blas.ssyrk(1.0, a.T, trans=0)  # a.T is (k, n) in Fortran order; the lower triangle stays 0
+    upper += np.triu(upper, 1).T
+    return torch.from_numpy(upper).double()
 
 
 @dataclass
@@ -92,12 +111,12 @@ class LayerStats:
         return float(self.gram.diagonal().sum()) / self.columns
 
     def update(self, x: torch.Tensor, y: torch.Tensor, blocks: list | None = None) -> None:
-        """Add one batch of rows. The batch's products run in float32 (a few thousand rows at most);
-        the running sums are float64, so round-off does not grow with the dataset. Columns that are
-        zero in every row (kernel taps that only ever read padding, e.g. a 3x3 conv on a 1x1 map) are
-        skipped: they add nothing to G or C. ``blocks`` lists (rows, columns) pairs such that each row
-        is zero outside its block's columns (conv rows grouped by which taps see padding); each block
-        then adds its own smaller product."""
+        """Add a batch of rows. Large products run in float32 (a few thousand rows each); the running
+        sums are float64, so round-off does not grow with the dataset. Columns that are zero in every
+        row (kernel taps that only ever read padding, e.g. a 3x3 conv on a 1x1 map) are skipped: they
+        add nothing to G or C. ``blocks`` lists (rows, columns) pairs such that each row is zero
+        outside its block's columns (conv rows grouped by which taps see padding); each block then
+        adds its own smaller product."""
         self.target_sq += float((y.double() ** 2).sum())
         self.count += x.shape[0]
         if blocks is None:
@@ -110,16 +129,19 @@ class LayerStats:
         active = (x != 0).any(0).nonzero().squeeze(1)
         if cols is not None:
             x, active = x[:, active], cols[active]
-            self.gram[active[:, None], active] += (x.T @ x).double()
-            self.cross[active] += (x.T @ y).double()
-            return
-        if len(active) < x.shape[1]:
-            xa = x[:, active]
-            self.gram[active[:, None], active] += (xa.T @ xa).double()
-            self.cross[active] += (xa.T @ y).double()
+        elif len(active) < x.shape[1]:
+            x = x[:, active]
         else:
-            self.gram += (x.T @ x).double()
-            self.cross += (x.T @ y).double()
+            active = None
+        if x.shape[0] * x.shape[1] ** 2 < SMALL_PRODUCT:  # cheap: float64 throughout
+            x, y = x.double(), y.double()
+        g, c = gram(x), (x.T @ y).double()
+        if active is None:
+            self.gram += g
+            self.cross += c
+        else:
+            self.gram[active[:, None], active] += g
+            self.cross[active] += c
 
     def error(self, w: torch.Tensor) -> float:
         """||X W^T - Y||^2 / ||Y||^2 for a flattened weight w (m_out, P), from the sums alone."""
@@ -371,9 +393,9 @@ def _refit_propagated(sources, merged, layers, maps, batches, params, options, s
                 xs = frontier.values(layer.in_node)
                 bias = f"{layer.name}.bias" in params
                 st = _empty_stats(layer, params, workspace, _reachable_columns(layer, tuple(xs[0].shape), bias))
-                for x, pick, y in zip(xs, *samples.take(layer, maps, len(frontier.batches))):
-                    xr, blocks = _inputs(layer, [x], pick, maps, bias=bias, merged=True)
-                    st.update(xr, y, blocks)
+                picks, ys = samples.take(layer, maps, len(frontier.batches))
+                xr, blocks = _merged_rows(layer, xs, picks, bias)
+                st.update(xr, torch.cat(ys), blocks)
                 entries.append(_solve_into(layer, st, params, maps, len(sources), options))
                 bar.update()
             elif options.reset_norms:
@@ -385,13 +407,17 @@ def _refit_propagated(sources, merged, layers, maps, batches, params, options, s
     return entries
 
 
+#: Samples of the first batch that the frontier runs to estimate its memory per sample.
+PROBE_SAMPLES = 8
+
+
 class _Frontier:
     """The merged model's traced graph run node by node over every calibration batch at once.
 
     It holds each batch's live values (those a later node still reads), so a node can be changed (a
     layer refitted, a norm's statistics set) after everything before it has run on all the data and
     before anything after it runs. Memory is the calibration set's largest live activations: when
-    that would exceed ``max_bytes`` (estimated on the first batch), only the first batches that fit
+    that would exceed ``max_bytes`` (estimated on a few samples of the first batch), only the first batches that fit
     are used.
     """
 
@@ -407,7 +433,8 @@ class _Frontier:
         self._last_norm = max((i for i, n in enumerate(self._order) if self._is_norm(n)), default=-1)
         batches = iter(batches)
         first = next(batches)
-        per_sample = self._peak_live_bytes(first) / first.shape[0]
+        probe = first[:PROBE_SAMPLES]  # live memory grows with the batch: a few samples tell it
+        per_sample = self._peak_live_bytes(probe) / probe.shape[0]
         budget = max(int(max_bytes // max(per_sample, 1.0)), first.shape[0])
         self.batches, used = [first], first.shape[0]
         for x in batches:
@@ -438,26 +465,29 @@ class _Frontier:
             del env[name]
 
     def reset_norm(self, node: fx.Node) -> None:
-        """Set a BatchNorm node's running statistics to the exact mean and (unbiased) variance of its
-        inputs over every batch, in float64."""
+        """Set a BatchNorm node's running statistics to the mean and (unbiased) variance of its inputs
+        over every batch (sums in float64 across batches)."""
         if not self._is_norm(node):
             return
         module = self.modules[node.target]
         xs = self.values(node.args[0].name)
         dims = [d for d in range(xs[0].dim()) if d != 1]
-        count, mean, sq = 0, 0.0, 0.0
-        for x in xs:  # per-batch moments combined exactly (Chan et al.), sums in float64
-            var_b, mean_b = torch.var_mean(x, dims, correction=0)
-            n_b = x.numel() // x.shape[1]
-            delta = mean_b.double() - mean
-            total = count + n_b
-            mean = mean + delta * (n_b / total)
-            sq = sq + var_b.double() * n_b + delta**2 * (count * n_b / total)
-            count = total
+        shape = [-1 if d == 1 else 1 for d in range(xs[0].dim())]
+        # Sums of x - shift in float32 per batch (the shift, a rough per-channel mean, removes the
+        # cancellation of E[x^2] - E[x]^2), added in float64: several times faster than var_mean.
+        shift = xs[0].mean(dims).reshape(shape)
+        count, total, sq = 0, 0.0, 0.0
+        for x in xs:
+            d = x - shift
+            total = total + d.sum(dims).double()
+            sq = sq + torch.square(d).sum(dims).double()
+            count += x.numel() // x.shape[1]
         if count < 2:
             return
-        module.running_mean.copy_(mean.to(module.running_mean.dtype))
-        module.running_var.copy_((sq / (count - 1)).to(module.running_var.dtype))
+        mean = total / count
+        var = (sq - count * mean**2).clamp_min(0) / (count - 1)
+        module.running_mean.copy_((mean + shift.flatten().double()).to(module.running_mean.dtype))
+        module.running_var.copy_(var.to(module.running_var.dtype))
 
     def _is_norm(self, node: fx.Node) -> bool:
         return node.op == "call_module" and id(self.modules[node.target]) in self.norm_ids
@@ -524,7 +554,7 @@ def _targets(layer: Layer, ys: list, pick, maps) -> torch.Tensor:
     return combine_activations(rows, -1, layer.out_members, maps, torch.float32)
 
 
-def _inputs(layer: Layer, xs: list, pick, maps, *, bias: bool, merged: bool = False):
+def _inputs(layer: Layer, xs: list, pick, maps, *, bias: bool, merged: bool = False, blocks: bool = True):
     """X~ at the picked samples (samples, P) float32, and a conv's row blocks. Samples are picked
     before the source models' copies are combined (the merge is linear along the units), so full
     activations are combined only when the patches would repeat their entries anyway. With
@@ -538,7 +568,7 @@ def _inputs(layer: Layer, xs: list, pick, maps, *, bias: bool, merged: bool = Fa
         else:
             x = combine_activations([_patches(layer.module, x, pick) for x in xs], 1, layer.in_members, maps,
                                     torch.float32)
-        blocks = _tap_blocks(layer.module, x.shape[1], xs[0].shape[2:], pick, bias)
+        blocks = _tap_blocks(layer.module, x.shape[1], xs[0].shape[2:], pick, bias) if blocks else None
         x = x.flatten(1)
     else:
         blocks = None
@@ -547,6 +577,19 @@ def _inputs(layer: Layer, xs: list, pick, maps, *, bias: bool, merged: bool = Fa
     if bias:
         x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
     return x.float(), blocks
+
+
+def _merged_rows(layer: Layer, xs: list, picks: list, bias: bool):
+    """X at the picked samples of every batch of the merged model's own input activations ``xs``,
+    as one block of rows (samples, P) float32, and a conv's row blocks over all of them: one product
+    per block for the whole calibration set instead of one per batch."""
+    rows = [_inputs(layer, [x], pick, None, bias=bias, merged=True, blocks=False)[0] for x, pick in zip(xs, picks)]
+    x = torch.cat(rows)
+    if not layer.is_conv:
+        return x, None
+    size = (1, xs[0].shape[-1]) if xs[0].dim() == 3 else tuple(xs[0].shape[2:])
+    joined = tuple(torch.cat([p[i] for p in picks]) for i in range(3))
+    return x, _tap_blocks(layer.module, xs[0].shape[1], size, joined, bias)
 
 
 def _positions(out_shape: tuple, limit: int, gen: torch.Generator):

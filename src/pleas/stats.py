@@ -65,8 +65,12 @@ def site_samples(t: torch.Tensor, site: Site, width: int) -> torch.Tensor:
 
 @contextmanager
 def tapped(model: nn.Module, nodes: list[str]) -> Iterator[nn.Module]:
-    """A traced copy of ``model`` (eval mode) whose forward returns ``(output, {node: tensor})``."""
-    gm = trace_graph(copy.deepcopy(model).eval())
+    """A traced ``model`` in eval mode whose forward returns ``(output, {node: tensor})``. It shares the
+    model's modules when they are all in eval mode already, and runs on a copy otherwise, so the
+    caller's model never changes."""
+    if any(m.training for m in model.modules()):
+        model = copy.deepcopy(model).eval()
+    gm = trace_graph(model)
     by_name = {n.name: n for n in gm.graph.nodes}
     missing = [n for n in nodes if n not in by_name]
     if missing:
