@@ -1,7 +1,9 @@
 """Permuting every group leaves a model's function unchanged; widening by duplication too."""
 import copy
 
+import pytest
 import torch
+import torchvision
 
 import pleas
 from conftest import assert_close
@@ -61,3 +63,32 @@ def test_caller_model_is_not_modified(model_and_input):
     assert model.training
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("kind", ["permutation", "partial", "ensemble", "zipit-like"])
+def test_merging_in_float32_is_bit_identical_to_float64(kind, monkeypatch):
+    """Maps that pick one unit per new unit and model, scaled by 1 or 1/2, are applied in the tensors'
+    own dtype; that must give exactly the float64 result rounded, and other maps stay in float64."""
+    import pleas.transform as transform
+    from pleas.plans import ensemble_map, partial_merge_map
+
+    torch.manual_seed(0)
+    a, b = torchvision.models.resnet18(num_classes=10), torchvision.models.resnet18(num_classes=10)
+    spec = pleas.build_spec(a, torch.randn(2, 3, 32, 32))
+    maps = {}
+    for g in spec:
+        perm, sim = torch.randperm(g.width), torch.rand(g.width)
+        if kind == "ensemble":
+            maps[g.name] = ensemble_map(g.width, 2)
+        elif kind == "zipit-like":  # three units averaged into one: 1/3 is not exact, float64 is used
+            m = partial_merge_map(perm, sim, g.width).merge.clone()
+            m[0, :3] = 1 / 3
+            maps[g.name] = pleas.GroupMap(m, m.T.clone())
+        else:
+            maps[g.name] = partial_merge_map(perm, sim, g.width if kind == "permutation" else g.width // 2)
+    fast = pleas.transform_state_dicts(spec, [a.state_dict(), b.state_dict()], maps)
+    assert all(transform._exact_in_any_dtype(m, 2) for m in maps.values()) == (kind != "zipit-like")
+    monkeypatch.setattr(transform, "_exact_in_any_dtype", lambda gm, n: False)
+    slow = pleas.transform_state_dicts(spec, [a.state_dict(), b.state_dict()], maps)
+    for k in slow:
+        assert torch.equal(fast[k], slow[k]), k

@@ -19,11 +19,9 @@ import math
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from scipy.linalg import blas
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -35,21 +33,8 @@ from .plans import unit_owners
 from .transform import GroupMap, combine_activations
 
 
-#: Products x^T x with fewer multiply-adds than this run in float64.
+#: Products x^T x with fewer multiply-adds than this run in float64 (the rest in float32).
 SMALL_PRODUCT = 1 << 24
-
-
-def gram(x: torch.Tensor) -> torch.Tensor:
-    """x^T x as float64, for rows x (n, k). Large products are one float32 symmetric rank-n update
-    (BLAS ``ssyrk``: half the work of a general product) whose upper triangle is mirrored; small
-    ones, where the cost does not matter, run in float64."""
-    if x.dtype != torch.float32 or x.shape[0] * x.shape[1] ** 2 < SMALL_PRODUCT:
-        x = x.double()
-        return x.T @ x
-    a = x.detach().cpu().contiguous().numpy()
-    upper = blas.ssyrk(1.0, a.T, trans=0)  # a.T is (k, n) in Fortran order; the lower triangle stays 0
-    upper += np.triu(upper, 1).T
-    return torch.from_numpy(upper).double()
 
 
 @dataclass
@@ -135,7 +120,7 @@ class LayerStats:
             active = None
         if x.shape[0] * x.shape[1] ** 2 < SMALL_PRODUCT:  # cheap: float64 throughout
             x, y = x.double(), y.double()
-        g, c = gram(x), (x.T @ y).double()
+        g, c = (x.T @ x).double(), (x.T @ y).double()
         if active is None:
             self.gram += g
             self.cross += c

@@ -71,7 +71,8 @@ def transform_state_dicts(
     """Rewrite ``n`` state dicts of one architecture into one, group by group (see module docstring).
 
     With one state dict, groups missing from ``maps`` are left as they are; with several, every group
-    needs a map. Tensors are combined in float64 and returned in their original dtype.
+    needs a map. Tensors are combined in float64 (or in their own dtype where that is bit-identical:
+    permutations, partial merges and ensembles of two models) and returned in their original dtype.
     """
     n = len(state_dicts)
     if n == 0:
@@ -93,10 +94,29 @@ def transform_state_dicts(
                 f"map of group {g.name!r} acts on {maps[g.name].merge.shape[1]} stacked units; "
                 f"{n} models of width {g.width} give {n * g.width}"
             )
+    exact = {name: _exact_in_any_dtype(m, n) for name, m in maps.items()}
     out = {}
     for key in keys:
-        out[key] = _combine(key, spec, [sd[key] for sd in state_dicts], maps)
+        out[key] = _combine(key, spec, [sd[key] for sd in state_dicts], maps, exact)
     return out
+
+
+def _exact_in_any_dtype(gm: GroupMap, n: int) -> bool:
+    """Whether rewriting with ``gm`` rounds once at most, in any floating dtype: each model's block of
+    the merge and unmerge matrices picks at most one unit per new unit, scaled by 1 or 1/2 (permutations,
+    partial merges, ensembles), and at most two models' rewrites are added. Then computing in the
+    tensor's own dtype gives the float64 result rounded to it, bit for bit."""
+    if n > 2:
+        return False
+    for mat, along in ((gm.merge, 1), (gm.unmerge, 0)):
+        if not bool(((mat == 0) | (mat == 1) | (mat == 0.5)).all()):
+            return False
+        for k in range(n):
+            d = mat.shape[along] // n
+            block = mat.narrow(along, k * d, d)
+            if block.numel() and int((block != 0).sum(along).max()) > 1:
+                return False
+    return True
 
 
 def permute_state_dict(
@@ -129,7 +149,8 @@ def combine_activations(
     return sum(_rewrite_axis(t.to(dtype), dim, as_out, k, n, maps) for k, t in enumerate(tensors))
 
 
-def _combine(key: str, spec: PermutationSpec, tensors: list[torch.Tensor], maps: dict[str, GroupMap]):
+def _combine(key: str, spec: PermutationSpec, tensors: list[torch.Tensor], maps: dict[str, GroupMap],
+             exact: dict[str, bool]):
     n = len(tensors)
     members = [(g, m) for g, m in spec.members_of(key) if g.name in maps]
     dtype = tensors[0].dtype
@@ -137,13 +158,15 @@ def _combine(key: str, spec: PermutationSpec, tensors: list[torch.Tensor], maps:
         return tensors[0].clone()  # counters such as num_batches_tracked
     if not members:
         return (sum(t.double() for t in tensors) / n).to(dtype)
+    # float64 unless every map involved rounds at most once (then the tensor's own dtype is exact)
+    work = dtype if all(exact[g.name] for g, _ in members) else torch.float64
     by_axis: dict[int, list] = {}
     for g, m in members:
         by_axis.setdefault(m.axis, []).append((g, m))
     has_out = any(m.role == "out" for _, m in members)
     total = None
     for k, t in enumerate(tensors):
-        t = t.double()
+        t = t.to(work)
         for axis, ms in sorted(by_axis.items()):
             t = _rewrite_axis(t, axis, ms, k, n, maps)
         total = t if total is None else total + t
@@ -180,8 +203,11 @@ def _apply_units(seg: torch.Tensor, block: torch.Tensor, m: Member) -> torch.Ten
     flat = seg.reshape(d, m.repeat * math.prod(rest))
     block = block.to(seg.dtype)
     if block.shape[0] > 64 and int(torch.count_nonzero(block)) <= 2 * block.shape[0]:
-        # Permutation-like maps (a unit or a pair per row): a sparse product skips the zeros.
-        out = torch.sparse.mm(block.to_sparse(), flat)
+        # Permutation-like maps (a unit or a pair per row): gather the units each row reads and add
+        # them up, skipping the zeros.
+        rows, cols = block.nonzero(as_tuple=True)
+        out = flat.new_zeros(block.shape[0], flat.shape[1])
+        out.index_add_(0, rows, flat[cols] * block[rows, cols][:, None])
     else:
         out = block @ flat
     return out.reshape(block.shape[0] * m.repeat, *rest)
