@@ -10,7 +10,7 @@ from torch import nn
 
 from .calibration import Calibration
 from .errors import MergeInputError
-from .graph import build_spec
+from .graph import build_spec, trace_graph
 from .heads import SeparateHeads
 from .plans import ensemble_map
 from .rebuild import build_model
@@ -86,8 +86,7 @@ class MergeJob:
                     f"calibration batches of shape {tuple(example.shape)} do not fit {label}: {type(exc).__name__}: {exc}"
                 ) from exc
         spec = build_spec(models[0], example[:2])
-        spec_b = build_spec(models[1], example[:2])
-        if spec.to_dict() != spec_b.to_dict():
+        if trace_graph(models[0]).code != trace_graph(models[1]).code:
             raise MergeInputError("model_a and model_b have the same tensors but different graphs (forward differs)")
         if heads == "separate" and not spec.outputs:
             raise MergeInputError("heads='separate' needs an output layer of its own (e.g. a Linear classifier)")

@@ -108,7 +108,7 @@ class LayerStats:
             self._add(x if self.index is None else x[:, self.index], y, None)
             return
         for rows, cols in blocks:
-            self._add(x[rows][:, cols], y[rows], self.local(cols))
+            self._add(x[rows[:, None], cols], y[rows], self.local(cols))
 
     def _add(self, x: torch.Tensor, y: torch.Tensor, cols: torch.Tensor | None) -> None:
         active = (x != 0).any(0).nonzero().squeeze(1)

@@ -55,12 +55,20 @@ class Moments:
         return cov / (torch.outer(std, std) + eps)
 
 
-def site_samples(t: torch.Tensor, site: Site, width: int) -> torch.Tensor:
+def site_rows(t: torch.Tensor, site: Site, width: int) -> int:
+    """How many samples :func:`site_samples` makes of ``t``."""
+    return t.numel() // t.shape[site.dim] * site.repeat
+
+
+def site_samples(t: torch.Tensor, site: Site, width: int, pick: torch.Tensor | None = None) -> torch.Tensor:
     """The group's units at ``site`` as samples: (N, width). Positions, tokens and the entries of a
-    repeated unit (flattened conv features) all count as samples."""
+    repeated unit (flattened conv features) all count as samples. With ``pick``, only those samples
+    (indices into the N), gathered without copying the rest."""
     t = t.movedim(site.dim, -1)[..., site.offset : site.offset + width * site.repeat]
-    t = t.unflatten(-1, (width, site.repeat)).transpose(-1, -2)
-    return t.reshape(-1, width)
+    t = t.unflatten(-1, (width, site.repeat)).transpose(-1, -2)  # (*lead, repeat, width)
+    if pick is None:
+        return t.reshape(-1, width)
+    return t[torch.unravel_index(pick, t.shape[:-1])]
 
 
 @contextmanager
@@ -110,9 +118,11 @@ class MomentsObserver:
     def update(self, taps: list[dict]) -> None:
         for g in self.groups:
             for site in g.sites:
-                z = torch.cat([site_samples(t[site.node], site, g.width) for t in taps], dim=1)
-                if self.max_rows is not None and z.shape[0] > self.max_rows:
-                    z = z[torch.randperm(z.shape[0], generator=self.gen)[: self.max_rows]]
+                rows = site_rows(taps[0][site.node], site, g.width)
+                pick = None
+                if self.max_rows is not None and rows > self.max_rows:
+                    pick = torch.randperm(rows, generator=self.gen)[: self.max_rows]
+                z = torch.cat([site_samples(t[site.node], site, g.width, pick) for t in taps], dim=1)
                 self.moments[g.name].update(z)
 
 
