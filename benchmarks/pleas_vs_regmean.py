@@ -38,6 +38,7 @@ import pleas.job
 from pleas.demo import ARCHS, source_models
 from pleas.experiments import train
 from pleas.experiments.sources import domain_models
+from pleas.fold import layer_norm_pairs
 from pleas.graph import trace_graph
 from pleas.spec import Site
 
@@ -62,16 +63,7 @@ def normalise_batchnorm_inputs(model: nn.Module) -> nn.Module:
     """Every BatchNorm fed only by a Conv/Linear sees unit-variance inputs: the layer's rows times
     s = 1/sqrt(var + eps), the norm's running mean times s and its running variance 1 - eps."""
     model = copy.deepcopy(model).eval()
-    modules = dict(model.named_modules())
-    for node in trace_graph(model).graph.nodes:
-        if node.op != "call_module" or not isinstance(modules[node.target], nn.modules.batchnorm._BatchNorm):
-            continue
-        src = node.args[0]
-        if getattr(src, "op", None) != "call_module" or len(src.users) != 1:
-            continue
-        layer, bn = modules[src.target], modules[node.target]
-        if not isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Linear)):
-            continue
+    for _, layer, bn in layer_norm_pairs(model):
         s = 1.0 / torch.sqrt(bn.running_var.double() + bn.eps)
         layer.weight.copy_(layer.weight.double() * s.reshape(-1, *([1] * (layer.weight.dim() - 1))))
         if layer.bias is not None:

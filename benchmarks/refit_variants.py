@@ -36,6 +36,7 @@ variants = {
     "propagated, ridge 1e-3": {"inputs": "propagated", "ridge": 1e-3},
     "propagated, ridge 1e-2": {"inputs": "propagated", "ridge": 1e-2},
     "propagated, bn folded": {"inputs": "propagated", "fold_bn": True},
+    "propagated, adam 300": {"inputs": "propagated", "refit": "adam"},
 }
 print(f"{'variant':24s} {'budget':>6s} {'acc A':>6s} {'acc B':>6s} {'mean':>6s} {'sec':>6s}")
 for budget in [float(b) for b in args.budgets.split(",")]:

@@ -9,18 +9,13 @@ from torch import nn
 from .graph import trace_graph
 
 
-def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, list[str]]:
-    """A copy of ``model`` in which every BatchNorm fed only by a Conv/Linear is folded into it.
-
-    The layer's weight (and bias, if it has one) absorbs the eval-mode scale gamma / sigma; the
-    BatchNorm keeps only the shift, as its bias (weight 1, mean 0, var 1 - eps), so the function,
-    the architecture and the state-dict keys are unchanged. The layer's output is then the
-    normalised pre-activation up to that shift. Returns the copy and the folded norm names.
-    """
-    model = copy.deepcopy(model).eval()
+def layer_norm_pairs(model: nn.Module) -> list[tuple[str, nn.Module, nn.modules.batchnorm._BatchNorm]]:
+    """(name, layer, norm) for every BatchNorm of ``model`` (called once, with running statistics)
+    whose only input is a Conv/Linear whose output nothing else reads: the pairs whose norm can be
+    folded into, or its statistics rescaled with, the layer."""
     gm = trace_graph(model)
     modules = dict(model.named_modules())
-    folded = []
+    pairs = []
     for node in gm.graph.nodes:
         if node.op != "call_module" or not isinstance(modules[node.target], nn.modules.batchnorm._BatchNorm):
             continue
@@ -32,8 +27,23 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, list[str]]:
             continue
         if sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == node.target) != 1:
             continue
+        pairs.append((node.target, layer, bn))
+    return pairs
+
+
+def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """A copy of ``model`` in which every BatchNorm fed only by a Conv/Linear is folded into it.
+
+    The layer's weight (and bias, if it has one) absorbs the eval-mode scale gamma / sigma; the
+    BatchNorm keeps only the shift, as its bias (weight 1, mean 0, var 1 - eps), so the function,
+    the architecture and the state-dict keys are unchanged. The layer's output is then the
+    normalised pre-activation up to that shift. Returns the copy and the folded norm names.
+    """
+    model = copy.deepcopy(model).eval()
+    folded = []
+    for name, layer, bn in layer_norm_pairs(model):
         _fold(layer, bn)
-        folded.append(node.target)
+        folded.append(name)
     return model, folded
 
 
