@@ -130,7 +130,7 @@ if args.variant == "zipit-units":
     from pleas.methods.zipit import ZipIt
 
     class _ZipItUnits(Rebasin):
-        zip_depth = staticmethod(ZipIt.zip_depth)
+        zip_widths = staticmethod(ZipIt.zip_widths)
         alpha, beta = 0.5, 1.0  # ZipIt!'s defaults
 
         def plan(self, job):

@@ -1,6 +1,7 @@
 """``zipit``: ZipIt! (Stoica et al. 2024). Greedy merging over the stacked units of both models by
 correlation, same-model merges included, and *partial zipping*: zip the groups up to some depth (in
-topological order) and keep the rest of both models side by side, the depth chosen to meet the budget."""
+topological order) and keep the rest of both models side by side, the depth chosen to meet the budget
+(the last zipped group only as far as the budget needs, so budgets between two depths are met too)."""
 from __future__ import annotations
 
 from ..plans import ensemble_map
@@ -19,28 +20,40 @@ class ZipIt(MergeMethod):
         self.alpha, self.beta = float(alpha), float(beta)
 
     def plan(self, job):
-        groups = list(job.spec)
         n = len(job.models)
-        depth = self.zip_depth(job)
+        widths = self.zip_widths(job)
         moments = job.moments()
         maps = {}
-        for i, g in enumerate(groups):
-            if i < depth:
-                maps[g.name] = zip_units(
-                    moments[g.name].correlation(), n_models=n, target=g.width, alpha=self.alpha, beta=self.beta
-                )
+        for g in job.spec:
+            if widths[g.name] < n * g.width:
+                maps[g.name] = zip_units(moments[g.name].correlation(), n_models=n, target=widths[g.name],
+                                         alpha=self.alpha, beta=self.beta)
             else:
                 maps[g.name] = ensemble_map(g.width, n)
         return maps
 
     @staticmethod
-    def zip_depth(job) -> int:
-        """The fewest leading groups to zip so that the dense size is within the budget."""
+    def zip_widths(job) -> dict[str, int]:
+        """Each group's width after zipping: the fewest leading groups (in graph order) zipped so that
+        the dense size is within the budget, all of them fully (to one model's width) but the last,
+        which is zipped only as far as the budget needs (the widest width that still fits), and the
+        groups after it kept apart."""
         groups = list(job.spec)
         n = len(job.models)
-        target = job.target()
-        for depth in range(len(groups) + 1):
-            widths = {g.name: g.width if i < depth else n * g.width for i, g in enumerate(groups)}
-            if job.size(widths) <= target * (1 + 1e-9):
-                return depth
-        return len(groups)
+        target = job.target() * (1 + 1e-9)
+        widths = {g.name: n * g.width for g in groups}
+        for g in groups:
+            if job.size(widths) <= target:
+                break
+            lo, hi = g.width, n * g.width  # size(lo) is the smallest this group can give
+            widths[g.name] = lo
+            if job.size(widths) <= target:
+                while lo < hi:  # the widest width of this group that fits; size grows with width
+                    mid = (lo + hi + 1) // 2
+                    widths[g.name] = mid
+                    if job.size(widths) <= target:
+                        lo = mid
+                    else:
+                        hi = mid - 1
+                widths[g.name] = lo
+        return widths
