@@ -106,7 +106,7 @@ for arch in args.archs.split(","):
                 print(f"{arch:9s} {budget:6.2f} {allocation:>10s} {seed:4d} {size:6.3f} {acc[0]:6.3f} {acc[1]:6.3f} "
                       f"{sum(acc) / 2:6.3f} {dist['mse']:6.4f} {dist['agree']:6.3f} {sec:6.1f}", flush=True)
 
-print(f"\nmean ± standard deviation over calibration seeds {seeds}")
+print(f"\nmean ± standard deviation over calibration seeds {seeds}; sec: median merge time")
 print(f"{'arch':9s} {'budget':>6s} {'allocation':>10s} {'accuracy':>15s} {'mse':>15s} {'agree':>15s} {'sec':>6s}")
 for arch in args.archs.split(","):
     for budget in budgets:
@@ -114,7 +114,7 @@ for arch in args.archs.split(","):
             sel = [r for r in rows if r["arch"] == arch and r["budget"] == budget and r["allocation"] == allocation]
             print(f"{arch:9s} {budget:6.2f} {allocation:>10s} {spread([r['mean'] for r in sel]):>15s} "
                   f"{spread([r['mse'] for r in sel]):>15s} {spread([r['agree'] for r in sel]):>15s} "
-                  f"{statistics.mean(r['sec'] for r in sel):6.1f}")
+                  f"{statistics.median(r['sec'] for r in sel):6.1f}")
 if args.json:
     with open(args.json, "w") as f:
         json.dump(rows, f, indent=1)
