@@ -376,15 +376,18 @@ def activation_matching(spec: PermutationSpec, moments: dict) -> Matching:
         stat = moments[g.name]
         if getattr(stat, "count", 1) == 0:
             raise MergeInputError(f"activation statistics of group {g.name!r} hold no samples (does it have sites?)")
-        corr = stat.correlation() if hasattr(stat, "correlation") else torch.as_tensor(stat)
-        corr = corr.detach().to(device="cpu", dtype=torch.float64)
         d = g.width
-        if corr.shape != (2 * d, 2 * d):
+        size = stat.sum.shape[0] if hasattr(stat, "correlation") else torch.as_tensor(stat).shape[0]
+        shape = (size, size) if hasattr(stat, "correlation") else tuple(torch.as_tensor(stat).shape)
+        if shape != (2 * d, 2 * d):
             raise MergeInputError(
-                f"correlation of group {g.name!r} has shape {tuple(corr.shape)}; two models of width {d} "
-                f"need ({2 * d}, {2 * d})"
+                f"correlation of group {g.name!r} has shape {shape}; two models of width {d} need ({2 * d}, {2 * d})"
             )
-        s = corr[:d, d:]
+        if hasattr(stat, "correlation"):  # only the block of A's units against B's is needed
+            s = stat.correlation(rows=slice(0, d), cols=slice(d, 2 * d))
+        else:
+            s = torch.as_tensor(stat)[:d, d:]
+        s = s.detach().to(device="cpu", dtype=torch.float64)
         if not torch.isfinite(s).all():
             raise MergeInputError(f"correlation of group {g.name!r} has non-finite entries")
         perm = linear_assignment(s, block=g.block)

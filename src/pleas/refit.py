@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .gram import gram, quadratic_trace
 from .graph import trace_graph
 from .spec import Group, Member, PermutationSpec
 from .norms import batchnorms
@@ -120,13 +121,14 @@ class LayerStats:
             active = None
         if x.shape[0] * x.shape[1] ** 2 < SMALL_PRODUCT:  # cheap: float64 throughout
             x, y = x.double(), y.double()
-        g, c = (x.T @ x).double(), (x.T @ y).double()
+        g, c = gram(x), (x.T @ y).double()
         if active is None:
             self.gram += g
             self.cross += c
-        else:
-            self.gram[active[:, None], active] += g
-            self.cross[active] += c
+        else:  # G[active, active] += g as row adds (a 2-D scatter with accumulation is far slower)
+            rows = g.new_zeros(len(active), self.gram.shape[1]).index_copy_(1, active, g)
+            self.gram.index_add_(0, active, rows)
+            self.cross.index_add_(0, active, c)
 
     def error(self, w: torch.Tensor) -> float:
         """||X W^T - Y||^2 / ||Y||^2 for a flattened weight w (m_out, P), from the sums alone."""
@@ -136,7 +138,7 @@ class LayerStats:
         g, c = self.gram, self.cross
         if len(seen) < len(g):
             w, g, c = w[:, seen], g[seen[:, None], seen], c[seen]
-        quad = (w @ g * w).sum() - 2 * (w * c.T).sum() + self.target_sq
+        quad = quadratic_trace(w, g) - 2 * (w * c.T).sum() + self.target_sq
         return float(quad.clamp_min(0)) / max(self.target_sq, 1e-30)
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .gram import gram
 from .graph import trace_graph
 from .spec import Group, PermutationSpec, Site
 
@@ -39,7 +40,7 @@ class Moments:
         running sums are float64, so round-off does not grow with the number of batches."""
         self.count += z.shape[0]
         self.sum += z.double().sum(0)
-        self.outer += (z.T @ z).double()
+        self.outer += gram(z)
 
     def __add__(self, other: "Moments") -> "Moments":
         return Moments(self.count + other.count, self.sum + other.sum, self.outer + other.outer)
@@ -48,11 +49,13 @@ class Moments:
         mean = self.sum / self.count
         return self.outer / self.count - torch.outer(mean, mean)
 
-    def correlation(self, eps: float = 1e-12) -> torch.Tensor:
-        """Pearson correlation (D, D); a unit with zero variance correlates 0 with everything."""
-        cov = self.covariance()
-        std = cov.diagonal().clamp_min(0).sqrt()
-        return cov / (torch.outer(std, std) + eps)
+    def correlation(self, eps: float = 1e-12, rows: slice = slice(None), cols: slice = slice(None)) -> torch.Tensor:
+        """Pearson correlation (D, D), or its block ``[rows, cols]`` (computed alone, entry for entry the
+        same); a unit with zero variance correlates 0 with everything."""
+        mean = self.sum / self.count
+        std = (self.outer.diagonal() / self.count - mean * mean).clamp_min(0).sqrt()
+        cov = self.outer[rows, cols] / self.count - torch.outer(mean[rows], mean[cols])
+        return cov / (torch.outer(std[rows], std[cols]) + eps)
 
 
 def site_rows(t: torch.Tensor, site: Site, width: int) -> int:
@@ -117,13 +120,14 @@ class MomentsObserver:
 
     def update(self, taps: list[dict]) -> None:
         for g in self.groups:
+            samples = []  # every site's samples of the group, stacked: one product per group and batch
             for site in g.sites:
                 rows = site_rows(taps[0][site.node], site, g.width)
                 pick = None
                 if self.max_rows is not None and rows > self.max_rows:
                     pick = torch.randperm(rows, generator=self.gen)[: self.max_rows]
-                z = torch.cat([site_samples(t[site.node], site, g.width, pick) for t in taps], dim=1)
-                self.moments[g.name].update(z)
+                samples.append(torch.cat([site_samples(t[site.node], site, g.width, pick) for t in taps], dim=1))
+            self.moments[g.name].update(samples[0] if len(samples) == 1 else torch.cat(samples))
 
 
 def collect_moments(

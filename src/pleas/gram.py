@@ -1,0 +1,42 @@
+"""Gram matrices x^T x of sample rows and quadratic forms with them, using their symmetry: the
+workhorses of activation statistics and least squares."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+#: Column width of the blocks in which :func:`gram` computes x^T x.
+GRAM_BLOCK = 256
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """x^T x as float64, computed in x's dtype block by block: only the blocks on and above the
+    diagonal are multiplied (the rest mirrored), about 30% less work than one product for a few
+    thousand columns, and the same sums of products."""
+    k = x.shape[1]
+    edges = _edges(k)
+    if len(edges) == 2:
+        return (x.T @ x).double()
+    g = torch.empty(k, k, dtype=torch.float64, device=x.device)
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        rows = (x[:, lo:hi].T @ x[:, lo:]).double()  # (hi - lo, k - lo): the block row right of the diagonal
+        g[lo:hi, lo:] = rows
+        g[hi:, lo:hi] = rows[:, hi - lo:].T
+    return g
+
+
+def _edges(k: int) -> list[int]:
+    b = min(max(math.ceil(k / GRAM_BLOCK), 1), 8)
+    return [round(i * k / b) for i in range(b + 1)]
+
+
+def quadratic_trace(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """trace(W G W^T) for a symmetric G (k, k) and W (m, k), reading G's blocks on and above the
+    diagonal only (about half the work of W @ G)."""
+    edges = _edges(g.shape[0])
+    total = w.new_zeros(())
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        rows = w[:, lo:hi] @ g[lo:hi, lo:]  # (m, k - lo)
+        total = total + (rows[:, : hi - lo] * w[:, lo:hi]).sum() + 2 * (rows[:, hi - lo :] * w[:, hi:]).sum()
+    return total
