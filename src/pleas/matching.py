@@ -24,6 +24,7 @@ from scipy.optimize import linear_sum_assignment
 
 from .errors import MergeInputError, SpecError
 from .spec import Group, Member, PermutationSpec
+from .stats import Moments
 from .transform import permute_state_dict
 
 __all__ = ["Matching", "activation_matching", "linear_assignment", "unit_cosine_similarity", "weight_matching"]
@@ -377,16 +378,16 @@ def activation_matching(spec: PermutationSpec, moments: dict) -> Matching:
         if getattr(stat, "count", 1) == 0:
             raise MergeInputError(f"activation statistics of group {g.name!r} hold no samples (does it have sites?)")
         d = g.width
-        size = stat.sum.shape[0] if hasattr(stat, "correlation") else torch.as_tensor(stat).shape[0]
-        shape = (size, size) if hasattr(stat, "correlation") else tuple(torch.as_tensor(stat).shape)
+        if isinstance(stat, Moments):  # only the block of A's units against B's is computed
+            shape = (len(stat.sum), len(stat.sum))
+        else:
+            stat = stat.correlation() if hasattr(stat, "correlation") else torch.as_tensor(stat)
+            shape = tuple(stat.shape)
         if shape != (2 * d, 2 * d):
             raise MergeInputError(
                 f"correlation of group {g.name!r} has shape {shape}; two models of width {d} need ({2 * d}, {2 * d})"
             )
-        if hasattr(stat, "correlation"):  # only the block of A's units against B's is needed
-            s = stat.correlation(rows=slice(0, d), cols=slice(d, 2 * d))
-        else:
-            s = torch.as_tensor(stat)[:d, d:]
+        s = stat.correlation(rows=slice(0, d), cols=slice(d, 2 * d)) if isinstance(stat, Moments) else stat[:d, d:]
         s = s.detach().to(device="cpu", dtype=torch.float64)
         if not torch.isfinite(s).all():
             raise MergeInputError(f"correlation of group {g.name!r} has non-finite entries")

@@ -58,7 +58,7 @@ class Moments:
         return cov / (torch.outer(std[rows], std[cols]) + eps)
 
 
-def site_rows(t: torch.Tensor, site: Site, width: int) -> int:
+def site_rows(t: torch.Tensor, site: Site) -> int:
     """How many samples :func:`site_samples` makes of ``t``."""
     return t.numel() // t.shape[site.dim] * site.repeat
 
@@ -122,7 +122,7 @@ class MomentsObserver:
         for g in self.groups:
             samples = []  # every site's samples of the group, stacked: one product per group and batch
             for site in g.sites:
-                rows = site_rows(taps[0][site.node], site, g.width)
+                rows = site_rows(taps[0][site.node], site)
                 pick = None
                 if self.max_rows is not None and rows > self.max_rows:
                     pick = torch.randperm(rows, generator=self.gen)[: self.max_rows]
