@@ -266,3 +266,34 @@ def test_activation_matching_recovers_planted_permutation_from_correlations():
         activation_matching(spec, {"g": corrs["g"]})
     with pytest.raises(MergeInputError, match="shape"):
         activation_matching(spec, {"g": corrs["g"], "h": corrs["g"]})
+
+
+def test_cross_moments_give_the_cross_block_of_the_full_correlation():
+    """CrossMoments (what activation matching gathers for two models) hold exactly the A-by-B block
+    of the full moments' correlation, and refuse to give any other block."""
+    from pleas.stats import CrossMoments, Moments
+
+    torch.manual_seed(0)
+    full, cross = Moments.zeros(12), CrossMoments.zeros(6)
+    for _ in range(3):
+        z = torch.randn(50, 12, dtype=torch.float64) @ torch.randn(12, 12, dtype=torch.float64) + 3.0
+        full.update(z)
+        cross.update(z[:, :6], z[:, 6:])
+    block = full.correlation(rows=slice(0, 6), cols=slice(6, 12))
+    torch.testing.assert_close(cross.correlation(rows=slice(0, 6), cols=slice(6, 12)), block)
+    assert cross.count == full.count == 150
+    with pytest.raises(ValueError, match="only the block"):
+        cross.correlation()
+
+
+def test_activation_matching_is_the_same_from_cross_and_full_moments():
+    a, b = (randomise_norm_stats(VGGBN(), s) for s in (0, 1))
+    x = torch.randn(64, 3, 16, 16)
+    spec = pleas.build_spec(a, x[:2])
+    from pleas.stats import collect_moments
+
+    full = activation_matching(spec, collect_moments([a, b], spec, [x], progress=False))
+    cross = activation_matching(spec, collect_moments([a, b], spec, [x], progress=False, cross=True))
+    for g in spec:
+        assert torch.equal(full.perms[g.name], cross.perms[g.name])
+        torch.testing.assert_close(full.similarity[g.name], cross.similarity[g.name], atol=1e-5, rtol=1e-5)

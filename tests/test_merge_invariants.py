@@ -127,12 +127,22 @@ def test_different_tensor_names_are_refused():
         pleas.merge(a, b, torch.randn(8, 20), method="average")
 
 
-def test_nan_weights_are_refused():
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nan_weights_are_refused(bad):
     a, b = _pair(MLP)
     with torch.no_grad():
-        b.body[2].weight[0, 0] = float("nan")
+        b.body[2].weight[0, 0] = bad
     with pytest.raises(pleas.MergeInputError, match=r"model_b has NaN.*body.2.weight"):
         pleas.merge(a, b, torch.randn(8, 20), method="average")
+
+
+def test_huge_finite_weights_are_not_mistaken_for_infinite():
+    """Weights whose float32 sum overflows are still finite: the check must not refuse them."""
+    a, b = _pair(MLP)
+    with torch.no_grad():
+        b.body[2].weight[:2, 0] = 3e38
+    assert not torch.isfinite(b.body[2].weight.sum())
+    pleas.merge(a, b, torch.randn(8, 20), method="average", progress=False)
 
 
 @pytest.mark.parametrize(

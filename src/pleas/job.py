@@ -16,7 +16,7 @@ from .plans import ensemble_map
 from .rebuild import build_model
 from .size import SizeModel
 from .spec import PermutationSpec
-from .stats import Moments, collect_moments
+from .stats import CrossMoments, Moments, collect_moments
 from .transform import GroupMap, transform_state_dicts
 
 HEADS = ("shared", "separate")
@@ -85,7 +85,7 @@ class MergeJob:
                 raise MergeInputError(
                     f"calibration batches of shape {tuple(example.shape)} do not fit {label}: {type(exc).__name__}: {exc}"
                 ) from exc
-        spec = build_spec(models[0], example[:2])
+        spec = build_spec(models[0], example[:2], copy_model=False)  # models[0] is the job's own copy
         if trace_graph(models[0]).code != trace_graph(models[1]).code:
             raise MergeInputError("model_a and model_b have the same tensors but different graphs (forward differs)")
         if heads == "separate" and not spec.outputs:
@@ -97,17 +97,22 @@ class MergeJob:
     def state_dicts(self) -> list[dict[str, torch.Tensor]]:
         return [m.state_dict() for m in self.models]
 
-    def moments(self) -> dict[str, Moments]:
-        """Moments of the stacked units of both models, per group (one pass over the data)."""
-        if "moments" not in self._cache:
+    def moments(self, *, cross: bool = False) -> dict[str, Moments] | dict[str, CrossMoments]:
+        """Moments of the stacked units of both models, per group (one pass over the data). With
+        ``cross``, what activation matching needs is enough (:class:`pleas.stats.CrossMoments`, or
+        the full moments when another method already gathered them)."""
+        if "moments" in self._cache:
+            return self._cache["moments"]
+        key = "cross_moments" if cross else "moments"
+        if key not in self._cache:
             # Enough positions per batch for stable correlations of the widest group, not every one.
             widest = max(g.width for g in self.spec)
             per_batch = max(32 * len(self.models) * widest // max(len(self.data), 1), 1024)
-            self._cache["moments"] = collect_moments(
+            self._cache[key] = collect_moments(
                 self.models, self.spec, self.data, progress=self.progress, max_rows=per_batch, seed=self.seed,
-                observers=self.observers,
+                observers=self.observers, cross=cross,
             )
-        return self._cache["moments"]
+        return self._cache[key]
 
     def match(self):
         """The matching of B's units to A's (``self.matching`` decides how), cached."""
@@ -118,7 +123,7 @@ class MergeJob:
                 sd_a, sd_b = self.state_dicts
                 self._cache["matching"] = weight_matching(self.spec, sd_a, sd_b, seed=self.seed)
             else:
-                self._cache["matching"] = activation_matching(self.spec, self.moments())
+                self._cache["matching"] = activation_matching(self.spec, self.moments(cross=len(self.models) == 2))
         return self._cache["matching"]
 
     # --- sizes and building ----------------------------------------------------------------
@@ -192,5 +197,7 @@ def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:
 
 def check_finite(model: nn.Module, label: str) -> None:
     for k, t in model.state_dict().items():
-        if t.dtype.is_floating_point and not torch.isfinite(t).all():
+        # A finite sum proves every entry finite (NaN and inf propagate); only a sum that is not
+        # (an overflow, or a bad entry) needs the entry-by-entry check.
+        if t.dtype.is_floating_point and not (torch.isfinite(t.sum()) or torch.isfinite(t).all()):
             raise MergeInputError(f"{label} has NaN or infinite values in {k!r}; refusing to merge")

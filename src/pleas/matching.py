@@ -24,7 +24,7 @@ from scipy.optimize import linear_sum_assignment
 
 from .errors import MergeInputError, SpecError
 from .spec import Group, Member, PermutationSpec
-from .stats import Moments
+from .stats import CrossMoments, Moments
 from .transform import permute_state_dict
 
 __all__ = ["Matching", "activation_matching", "linear_assignment", "unit_cosine_similarity", "weight_matching"]
@@ -364,8 +364,8 @@ def activation_matching(spec: PermutationSpec, moments: dict) -> Matching:
     Args:
         spec: the permutation groups.
         moments: per group name, the streamed statistics of the stacked units ``[A's d | B's d]`` over all
-            calibration batches: an object with ``.correlation()`` returning (2d, 2d) (such as
-            ``pleas.stats.Moments``) or that (2d, 2d) correlation matrix itself.
+            calibration batches: ``pleas.stats.Moments`` or ``CrossMoments``, another object whose
+            ``.correlation()`` returns (2d, 2d), or that (2d, 2d) correlation matrix itself.
 
     For group g, S_g = corr[:d, d:] (A's unit i vs B's unit j), pi_g = ``linear_assignment(S_g,
     block=g.block)`` and ``similarity[g][i] = S_g[i, pi_g(i)]`` (float64). ``sweeps`` is 0.
@@ -378,7 +378,7 @@ def activation_matching(spec: PermutationSpec, moments: dict) -> Matching:
         if getattr(stat, "count", 1) == 0:
             raise MergeInputError(f"activation statistics of group {g.name!r} hold no samples (does it have sites?)")
         d = g.width
-        if isinstance(stat, Moments):  # only the block of A's units against B's is computed
+        if isinstance(stat, (Moments, CrossMoments)):  # only the block of A's units against B's is computed
             shape = (len(stat.sum), len(stat.sum))
         else:
             stat = stat.correlation() if hasattr(stat, "correlation") else torch.as_tensor(stat)
@@ -387,7 +387,8 @@ def activation_matching(spec: PermutationSpec, moments: dict) -> Matching:
             raise MergeInputError(
                 f"correlation of group {g.name!r} has shape {shape}; two models of width {d} need ({2 * d}, {2 * d})"
             )
-        s = stat.correlation(rows=slice(0, d), cols=slice(d, 2 * d)) if isinstance(stat, Moments) else stat[:d, d:]
+        s = (stat.correlation(rows=slice(0, d), cols=slice(d, 2 * d)) if isinstance(stat, (Moments, CrossMoments))
+             else stat[:d, d:])
         s = s.detach().to(device="cpu", dtype=torch.float64)
         if not torch.isfinite(s).all():
             raise MergeInputError(f"correlation of group {g.name!r} has non-finite entries")

@@ -36,6 +36,11 @@ from .transform import GroupMap, combine_activations
 
 #: Products x^T x with fewer multiply-adds than this run in float64 (the rest in float32).
 SMALL_PRODUCT = 1 << 24
+#: Ridge solves over at least this many columns factor and solve in float32 (about twice as fast).
+#: The ridge bounds the condition number of G + lam I by about P / ridge, and float32's backward
+#: error changes the fitted objective by far less than the ridge itself does; a factorisation that
+#: fails in float32 is redone in float64.
+FLOAT32_SOLVE = 1024
 
 
 @dataclass
@@ -64,7 +69,9 @@ class LayerStats:
 
     With ``index``, the sums hold only those columns of the layer's P (a conv's taps that can ever
     read inside its input: on a 1x1 map a 3x3 conv has one), and every other column counts as never
-    seen. Rows and weights are always given over all P columns."""
+    seen. Rows and weights are always given over all P columns. With ``initial`` (a flattened weight
+    W_0, (m_out, P)), every update also adds ||X W_0^T - Y||^2 over its rows, the fit error of the
+    starting weights, from the rows themselves: cheaper than the quadratic form with G afterwards."""
 
     gram: torch.Tensor
     cross: torch.Tensor
@@ -72,6 +79,8 @@ class LayerStats:
     count: int = 0
     index: torch.Tensor | None = None
     columns: int | None = None  # P, when ``index`` holds fewer
+    initial: torch.Tensor | None = None
+    initial_sq: float = 0.0
 
     def __post_init__(self):
         self.columns = self.columns or self.gram.shape[0]
@@ -108,19 +117,26 @@ class LayerStats:
         if blocks is None:
             self._add(x if self.index is None else x[:, self.index], y, None)
             return
-        for rows, cols in blocks:
-            self._add(x[rows[:, None], cols], y[rows], self.local(cols))
+        for rows, cols in blocks:  # rows: indices, or a slice when the rows come grouped by block
+            xb, yb = (x[rows], y[rows]) if isinstance(rows, slice) else (x.index_select(0, rows), y.index_select(0, rows))
+            self._add(xb.index_select(1, cols), yb, self.local(cols))
 
     def _add(self, x: torch.Tensor, y: torch.Tensor, cols: torch.Tensor | None) -> None:
-        active = (x != 0).any(0).nonzero().squeeze(1)
-        if cols is not None:
-            x, active = x[:, active], cols[active]
-        elif len(active) < x.shape[1]:
-            x = x[:, active]
-        else:
-            active = None
+        """Add rows x over G's positions ``cols`` (a tap block: its columns are the taps its rows
+        read, so it is taken whole), or over every column, skipping those zero in every row."""
+        active = cols
+        if cols is None:
+            active = (x != 0).any(0).nonzero().squeeze(1)
+            if len(active) < x.shape[1]:
+                x = x[:, active]
+            else:
+                active = None
         if x.shape[0] * x.shape[1] ** 2 < SMALL_PRODUCT:  # cheap: float64 throughout
             x, y = x.double(), y.double()
+        if self.initial is not None:
+            w0 = self.initial if self.index is None else self.initial[:, self.index]
+            w0 = w0 if active is None else w0[:, active]
+            self.initial_sq += float(torch.square(x @ w0.T.to(x.dtype) - y).sum())
         g, c = gram(x), (x.T @ y).double()
         if active is None:
             self.gram += g
@@ -129,6 +145,10 @@ class LayerStats:
             rows = g.new_zeros(len(active), self.gram.shape[1]).index_copy_(1, active, g)
             self.gram.index_add_(0, active, rows)
             self.cross.index_add_(0, active, c)
+
+    def initial_error(self) -> float:
+        """||X W_0^T - Y||^2 / ||Y||^2 for the ``initial`` weight, summed over the updates."""
+        return self.initial_sq / max(self.target_sq, 1e-30)
 
     def error(self, w: torch.Tensor) -> float:
         """||X W^T - Y||^2 / ||Y||^2 for a flattened weight w (m_out, P), from the sums alone."""
@@ -215,7 +235,7 @@ def refit(
     For the propagated refit, ``samples`` may hold the targets already sampled during another pass
     over the sources (made by :meth:`TargetSampler.for_budget`); otherwise the refit samples them."""
     options = options or RefitOptions()
-    layers = find_layers(sources[0], spec)
+    layers = samples.layers if samples is not None else find_layers(sources[0], spec)
     params = dict(merged.named_parameters())
     report = RefitReport()
     n_batches = max(len(batches), 1) if hasattr(batches, "__len__") else 1
@@ -308,7 +328,15 @@ def _empty_stats(layer: Layer, params: dict, workspace: list | None = None,
             workspace[0] = torch.empty(need, dtype=torch.float64)
         buf = workspace[0][:need].zero_()
         gram, cross = buf[: k * k].view(k, k), buf[k * k :].view(k, m_out)
-    return LayerStats(gram, cross, index=index, columns=p)
+    return LayerStats(gram, cross, index=index, columns=p, initial=_flat_weight(layer, params).float())
+
+
+def _flat_weight(layer: Layer, params: dict) -> torch.Tensor:
+    """The layer's weight as (m_out, P) float64, the bias (if any) as its last column."""
+    weight = params[f"{layer.name}.weight"].detach()
+    w = weight.double().reshape(weight.shape[0], -1)
+    bias = params.get(f"{layer.name}.bias")
+    return w if bias is None else torch.cat([w, bias.detach().double()[:, None]], 1)
 
 
 def _reachable_columns(layer: Layer, in_shape: tuple, bias: bool) -> torch.Tensor | None:
@@ -381,8 +409,8 @@ def _refit_propagated(sources, merged, layers, maps, batches, params, options, s
                 bias = f"{layer.name}.bias" in params
                 st = _empty_stats(layer, params, workspace, _reachable_columns(layer, tuple(xs[0].shape), bias))
                 picks, ys = samples.take(layer, maps, len(frontier.batches))
-                xr, blocks = _merged_rows(layer, xs, picks, bias)
-                st.update(xr, torch.cat(ys), blocks)
+                xr, yr, blocks = _merged_rows(layer, xs, picks, ys, bias)
+                st.update(xr, yr, blocks)
                 entries.append(_solve_into(layer, st, params, maps, len(sources), options))
                 bar.update()
             elif options.reset_norms:
@@ -541,21 +569,20 @@ def _targets(layer: Layer, ys: list, pick, maps) -> torch.Tensor:
     return combine_activations(rows, -1, layer.out_members, maps, torch.float32)
 
 
-def _inputs(layer: Layer, xs: list, pick, maps, *, bias: bool, merged: bool = False, blocks: bool = True):
+def _inputs(layer: Layer, xs: list, pick, maps, *, bias: bool, merged: bool = False):
     """X~ at the picked samples (samples, P) float32, and a conv's row blocks. Samples are picked
     before the source models' copies are combined (the merge is linear along the units), so full
     activations are combined only when the patches would repeat their entries anyway. With
-    ``merged``, ``xs`` holds the merged model's own activation, already in the merged layout."""
+    ``merged`` (Linear layers only), ``xs`` holds the merged model's own activation, already in the
+    merged layout (:func:`_merged_rows` gathers a conv's)."""
     if layer.is_conv:
         xs = [x.unsqueeze(2) if x.dim() == 3 else x for x in xs]  # Conv1d as a Conv2d of height 1
-        if merged:
-            x = _patches(layer.module, xs[0], pick)
-        elif len(pick[0]) * math.prod(layer.module.kernel_size) >= xs[0][:, 0].numel():
+        if len(pick[0]) * math.prod(layer.module.kernel_size) >= xs[0][:, 0].numel():
             x = _patches(layer.module, combine_activations(xs, 1, layer.in_members, maps, torch.float32), pick)
         else:
             x = combine_activations([_patches(layer.module, x, pick) for x in xs], 1, layer.in_members, maps,
                                     torch.float32)
-        blocks = _tap_blocks(layer.module, x.shape[1], xs[0].shape[2:], pick, bias) if blocks else None
+        blocks = _tap_blocks(layer.module, x.shape[1], xs[0].shape[2:], pick, bias)
         x = x.flatten(1)
     else:
         blocks = None
@@ -566,17 +593,44 @@ def _inputs(layer: Layer, xs: list, pick, maps, *, bias: bool, merged: bool = Fa
     return x.float(), blocks
 
 
-def _merged_rows(layer: Layer, xs: list, picks: list, bias: bool):
-    """X at the picked samples of every batch of the merged model's own input activations ``xs``,
-    as one block of rows (samples, P) float32, and a conv's row blocks over all of them: one product
-    per block for the whole calibration set instead of one per batch."""
-    rows = [_inputs(layer, [x], pick, None, bias=bias, merged=True, blocks=False)[0] for x, pick in zip(xs, picks)]
-    x = torch.cat(rows)
+def _merged_rows(layer: Layer, xs: list, picks: list, ys: list, bias: bool):
+    """X at the picked samples of every batch of the merged model's own input activations ``xs``, as
+    one block of rows (samples, P) float32, the targets ``ys`` of those samples as one block, and a
+    conv's row blocks over all of them: one product per block for the whole calibration set instead
+    of one per batch. A conv's rows are written grouped by tap block (targets reordered alike), so
+    each block's rows are one slice."""
     if not layer.is_conv:
-        return x, None
-    size = (1, xs[0].shape[-1]) if xs[0].dim() == 3 else tuple(xs[0].shape[2:])
+        x = torch.cat([_inputs(layer, [x], pick, None, bias=bias, merged=True)[0] for x, pick in zip(xs, picks)])
+        return x, torch.cat(ys), None
+    conv = layer.module
+    xs = [x.unsqueeze(2) if x.dim() == 3 else x for x in xs]  # Conv1d as a Conv2d of height 1
+    c, size = xs[0].shape[1], tuple(xs[0].shape[2:])
     joined = tuple(torch.cat([p[i] for p in picks]) for i in range(3))
-    return x, _tap_blocks(layer.module, xs[0].shape[1], size, joined, bias)
+    blocks = _tap_blocks(conv, c, size, joined, bias)
+    y = torch.cat(ys)
+    dest = None
+    if blocks is not None:
+        order = torch.cat([rows for rows, _ in blocks])
+        dest = torch.empty_like(order)
+        dest[order] = torch.arange(len(order))
+        y = y[order]
+        edges = [0, *torch.tensor([len(rows) for rows, _ in blocks]).cumsum(0).tolist()]
+        blocks = [(slice(lo, hi), cols) for lo, hi, (_, cols) in zip(edges[:-1], edges[1:], blocks)]
+    kernel = _conv_geometry(conv)[0]
+    p = c * kernel[0] * kernel[1]
+    out = torch.empty(len(joined[0]), p + int(bias), dtype=torch.float32)
+    patches = out[:, :p].unflatten(1, (c, *kernel))
+    at = 0
+    for x, pick in zip(xs, picks):
+        rows = _patches(conv, x.float(), pick)
+        if dest is None:
+            patches[at : at + len(rows)] = rows
+        else:
+            patches.index_copy_(0, dest[at : at + len(rows)], rows)
+        at += len(rows)
+    if bias:
+        out[:, p] = 1.0
+    return out, y, blocks
 
 
 def _positions(out_shape: tuple, limit: int, gen: torch.Generator):
@@ -611,8 +665,13 @@ def _tap_blocks(conv: nn.Module, c: int, size: tuple, pick, bias: bool) -> list 
     keys = valid.flatten(1)
     if bool(keys.all()):
         return None
-    patterns, inverse = torch.unique(keys, dim=0, return_inverse=True)
     taps = kernel[0] * kernel[1]
+    if taps < 63:  # each row's pattern as one integer, first tap most significant: sorts as the rows do
+        codes = (keys.long() << torch.arange(taps - 1, -1, -1)).sum(1)
+        _, first, inverse = _unique_first(codes)
+        patterns = keys[first]
+    else:
+        patterns, inverse = torch.unique(keys, dim=0, return_inverse=True)
     blocks = []
     for i, pattern in enumerate(patterns):
         cols = (torch.arange(c)[:, None] * taps + pattern.nonzero().squeeze(1)[None, :]).reshape(-1)
@@ -620,6 +679,14 @@ def _tap_blocks(conv: nn.Module, c: int, size: tuple, pick, bias: bool) -> list 
             cols = torch.cat([cols, torch.tensor([c * taps])])
         blocks.append(((inverse == i).nonzero().squeeze(1), cols))
     return blocks
+
+
+def _unique_first(values: torch.Tensor):
+    """The sorted distinct values of a 1-D tensor, the position of one occurrence of each, and
+    every entry's index among them."""
+    unique, inverse = torch.unique(values, return_inverse=True)
+    first = torch.empty(len(unique), dtype=torch.long).scatter_(0, inverse, torch.arange(len(values)))
+    return unique, first, inverse
 
 
 def _patches(conv: nn.Module, x: torch.Tensor, pick) -> torch.Tensor:
@@ -636,17 +703,15 @@ def _solve_into(layer: Layer, st: LayerStats, params: dict, maps, n: int, opt: R
     weight = params[f"{layer.name}.weight"]
     bias = params.get(f"{layer.name}.bias")
     m_out = weight.shape[0]
-    w0 = weight.detach().double().reshape(m_out, -1)
+    w0 = _flat_weight(layer, params)
     kernel = math.prod(weight.shape[2:]) if weight.dim() > 2 else 1
-    if bias is not None:
-        w0 = torch.cat([w0, bias.detach().double()[:, None]], 1)
     p = w0.shape[1]
     own_out = unit_owners(layer.out_members, m_out, maps, n, side="out")
     n_in = weight.shape[1]
     own_in = unit_owners(layer.in_members, n_in, maps, n, side="in").repeat_interleave(kernel, dim=1)
     if bias is not None:
         own_in = torch.cat([own_in, torch.ones(n, 1, dtype=torch.bool)], 1)
-    before = st.error(w0)
+    before = st.initial_error() if st.initial is not None else st.error(w0)
     lam = opt.ridge * st.scale()
     seen = st.seen()
     exact = opt.method != "adam"
@@ -696,6 +761,10 @@ def _ridge_solve(st: LayerStats, rows, cols, start, lam: float, opt: RefitOption
     if opt.method == "adam":
         return _adam(g, c, start, lam, opt), c
     rhs = c + lam * start.T
+    if len(cols) >= FLOAT32_SOLVE:
+        chol, info = torch.linalg.cholesky_ex(g.float())
+        if int(info) == 0:
+            return torch.cholesky_solve(rhs.float(), chol).double().T, c
     chol, info = torch.linalg.cholesky_ex(g)
     if int(info) == 0:
         return torch.cholesky_solve(rhs, chol).T, c

@@ -58,6 +58,46 @@ class Moments:
         return cov / (torch.outer(std[rows], std[cols]) + eps)
 
 
+@dataclass
+class CrossMoments:
+    """The part of two models' :class:`Moments` that matching reads, for z = [A's d units | B's d]:
+    count, sum z (2d,), sum z^2 (2d,) and only the cross block sum z_A z_B^T (d, d), in float64.
+    Half the products of the full (2d, 2d) moments, and no (N, 2d) copy of the samples."""
+
+    count: float
+    sum: torch.Tensor
+    square: torch.Tensor
+    cross: torch.Tensor
+
+    @classmethod
+    def zeros(cls, dim: int) -> "CrossMoments":
+        z = torch.zeros(2 * dim, dtype=torch.float64)
+        return cls(0.0, z, z.clone(), torch.zeros(dim, dim, dtype=torch.float64))
+
+    def update(self, za: torch.Tensor, zb: torch.Tensor) -> None:
+        """Add samples of A's units ``za`` (N, d) and B's ``zb`` (N, d), rows paired."""
+        self.count += za.shape[0]
+        for half, z in ((slice(0, za.shape[1]), za), (slice(za.shape[1], None), zb)):
+            self.sum[half] += z.sum(0).double()
+            self.square[half] += torch.square(z).sum(0).double()
+        self.cross += (za.T @ zb).double()
+
+    def __add__(self, other: "CrossMoments") -> "CrossMoments":
+        return CrossMoments(self.count + other.count, self.sum + other.sum, self.square + other.square,
+                            self.cross + other.cross)
+
+    def correlation(self, eps: float = 1e-12, rows: slice = slice(None), cols: slice = slice(None)) -> torch.Tensor:
+        """The Pearson correlation of A's units (rows) against B's (columns), the block
+        ``[:d, d:]`` of :meth:`Moments.correlation` (and the only one these sums hold)."""
+        d = len(self.cross)
+        if (rows.start or 0, rows.stop, cols.start, cols.stop) != (0, d, d, 2 * d):
+            raise ValueError(f"CrossMoments holds only the block [:{d}, {d}:] of the correlation")
+        mean = self.sum / self.count
+        std = (self.square / self.count - mean * mean).clamp_min(0).sqrt()
+        cov = self.cross / self.count - torch.outer(mean[:d], mean[d:])
+        return cov / (torch.outer(std[:d], std[d:]) + eps)
+
+
 def site_rows(t: torch.Tensor, site: Site) -> int:
     """How many samples :func:`site_samples` makes of ``t``."""
     return t.numel() // t.shape[site.dim] * site.repeat
@@ -109,25 +149,35 @@ def source_pass(models: list[nn.Module], batches: Iterable[torch.Tensor], observ
 
 
 class MomentsObserver:
-    """Collects :class:`Moments` of the stacked units of every group (see :func:`collect_moments`)."""
+    """Collects :class:`Moments` of the stacked units of every group (see :func:`collect_moments`), or
+    with ``cross``, two models' :class:`CrossMoments`."""
 
-    def __init__(self, groups: list[Group], n_models: int, max_rows: int | None, seed: int):
+    def __init__(self, groups: list[Group], n_models: int, max_rows: int | None, seed: int, cross: bool = False):
+        if cross and n_models != 2:
+            raise ValueError(f"cross moments need two models, got {n_models}")
         self.groups = groups
         self.nodes = sorted({s.node for g in groups for s in g.sites})
-        self.moments = {g.name: Moments.zeros(n_models * g.width) for g in groups}
+        self.cross = cross
+        self.moments = {g.name: CrossMoments.zeros(g.width) if cross else Moments.zeros(n_models * g.width)
+                        for g in groups}
         self.max_rows = max_rows
         self.gen = torch.Generator().manual_seed(seed)
 
     def update(self, taps: list[dict]) -> None:
         for g in self.groups:
-            samples = []  # every site's samples of the group, stacked: one product per group and batch
+            per_model = [[] for _ in taps]  # every site's samples, stacked: one product per group and batch
             for site in g.sites:
                 rows = site_rows(taps[0][site.node], site)
                 pick = None
                 if self.max_rows is not None and rows > self.max_rows:
                     pick = torch.randperm(rows, generator=self.gen)[: self.max_rows]
-                samples.append(torch.cat([site_samples(t[site.node], site, g.width, pick) for t in taps], dim=1))
-            self.moments[g.name].update(samples[0] if len(samples) == 1 else torch.cat(samples))
+                for samples, t in zip(per_model, taps):
+                    samples.append(site_samples(t[site.node], site, g.width, pick))
+            z = [s[0] if len(s) == 1 else torch.cat(s) for s in per_model]
+            if self.cross:
+                self.moments[g.name].update(*z)
+            else:
+                self.moments[g.name].update(torch.cat(z, dim=1))
 
 
 def collect_moments(
@@ -140,15 +190,17 @@ def collect_moments(
     max_rows: int | None = None,
     seed: int = 0,
     observers: list | None = None,
-) -> dict[str, Moments]:
+    cross: bool = False,
+) -> dict[str, Moments] | dict[str, CrossMoments]:
     """Moments of the stacked units ``[model 0 units | model 1 units | ...]`` of every group.
 
     For group g of width d and n models, z has n*d entries, so the result holds the correlations
     within each model and across models (what activation matching and ZipIt! need). The models are
     not modified. ``max_rows`` caps the samples each site contributes per batch (a seeded random
     subset of positions); every batch still contributes. ``observers`` ride along on the same pass
-    (see :func:`source_pass`).
+    (see :func:`source_pass`). With ``cross`` (two models), only what activation matching reads:
+    :class:`CrossMoments`.
     """
-    collector = MomentsObserver(list(spec.groups if groups is None else groups), len(models), max_rows, seed)
+    collector = MomentsObserver(list(spec.groups if groups is None else groups), len(models), max_rows, seed, cross)
     source_pass(models, batches, [collector, *(observers or [])], progress=progress)
     return collector.moments

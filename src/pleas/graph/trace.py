@@ -218,14 +218,15 @@ def trace_graph(model: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(model, graph)
 
 
-def build_spec(model: nn.Module, example_input: Any) -> PermutationSpec:
+def build_spec(model: nn.Module, example_input: Any, *, copy_model: bool = True) -> PermutationSpec:
     """Trace ``model`` on ``example_input`` and return its permutation groups.
 
-    The caller's model is not modified (tracing and shape propagation run on a copy, in eval mode).
+    The caller's model is not modified (tracing and shape propagation run on a copy, in eval mode;
+    ``copy_model=False`` skips the copy for a model that is private and in eval mode already).
     Network inputs and the model's outputs are not permutable; every other unit axis is grouped.
     """
     inputs = _as_inputs(example_input)
-    work = copy.deepcopy(model).eval()
+    work = copy.deepcopy(model).eval() if copy_model or any(m.training for m in model.modules()) else model
     gm = trace_graph(work)
     with torch.no_grad():
         ShapeProp(gm).propagate(*inputs)
