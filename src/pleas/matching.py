@@ -16,6 +16,7 @@ tensor along a member gives a (d, everything else) matrix whose row i gathers al
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -370,7 +371,7 @@ def activation_matching(spec: PermutationSpec, moments: dict) -> Matching:
     For group g, S_g = corr[:d, d:] (A's unit i vs B's unit j), pi_g = ``linear_assignment(S_g,
     block=g.block)`` and ``similarity[g][i] = S_g[i, pi_g(i)]`` (float64). ``sweeps`` is 0.
     """
-    perms, sims = {}, {}
+    sims = {}
     for g in spec:
         if g.name not in moments:
             raise MergeInputError(f"no activation statistics for group {g.name!r}")
@@ -392,7 +393,18 @@ def activation_matching(spec: PermutationSpec, moments: dict) -> Matching:
         s = s.detach().to(device="cpu", dtype=torch.float64)
         if not torch.isfinite(s).all():
             raise MergeInputError(f"correlation of group {g.name!r} has non-finite entries")
-        perm = linear_assignment(s, block=g.block)
-        perms[g.name] = perm
-        sims[g.name] = s[torch.arange(d), perm].clone()
+        sims[g.name] = s
+    perms = _assign_all({g.name: (sims[g.name], g.block) for g in spec})
+    sims = {name: s[torch.arange(len(s)), perms[name]].clone() for name, s in sims.items()}
     return Matching(perms=perms, similarity=sims, sweeps=0, converged=True)
+
+
+def _assign_all(problems: dict[str, tuple[torch.Tensor, int]]) -> dict[str, torch.Tensor]:
+    """:func:`linear_assignment` of every (similarity, block) problem, on torch's intra-op threads:
+    SciPy's solver releases the GIL, and a wide group's assignment takes tens of milliseconds."""
+    workers = min(torch.get_num_threads(), len(problems))
+    if workers <= 1:
+        return {name: linear_assignment(s, block=b) for name, (s, b) in problems.items()}
+    with ThreadPoolExecutor(workers) as pool:
+        futures = {name: pool.submit(linear_assignment, s, block=b) for name, (s, b) in problems.items()}
+        return {name: f.result() for name, f in futures.items()}

@@ -284,11 +284,12 @@ class TargetSampler:
             self.picks[layer.name].append(pick)
             self.rows[layer.name].append([_sample_rows(layer, y, pick) for y in ys])
 
-    def take(self, layer: Layer, maps, n_batches: int) -> tuple[list, list]:
-        """The picks and combined targets Y~ of ``layer`` for the first ``n_batches`` batches (and
-        forget them)."""
+    def take(self, layer: Layer, maps, n_batches: int) -> tuple[list, torch.Tensor]:
+        """The picks of ``layer`` for the first ``n_batches`` batches and the combined targets Y~ of
+        all of them as one block of rows (and forget them)."""
         picks, rows = self.picks.pop(layer.name)[:n_batches], self.rows.pop(layer.name)[:n_batches]
-        return picks, [combine_activations(r, -1, layer.out_members, maps, torch.float32) for r in rows]
+        per_model = [torch.cat(r) for r in zip(*rows)]
+        return picks, combine_activations(per_model, -1, layer.out_members, maps, torch.float32)
 
 
 def _weight_columns(layer: Layer, params: dict) -> int:
@@ -408,8 +409,8 @@ def _refit_propagated(sources, merged, layers, maps, batches, params, options, s
                 xs = frontier.values(layer.in_node)
                 bias = f"{layer.name}.bias" in params
                 st = _empty_stats(layer, params, workspace, _reachable_columns(layer, tuple(xs[0].shape), bias))
-                picks, ys = samples.take(layer, maps, len(frontier.batches))
-                xr, yr, blocks = _merged_rows(layer, xs, picks, ys, bias)
+                picks, yr = samples.take(layer, maps, len(frontier.batches))
+                xr, yr, blocks = _merged_rows(layer, xs, picks, yr, bias)
                 st.update(xr, yr, blocks)
                 entries.append(_solve_into(layer, st, params, maps, len(sources), options))
                 bar.update()
@@ -593,21 +594,20 @@ def _inputs(layer: Layer, xs: list, pick, maps, *, bias: bool, merged: bool = Fa
     return x.float(), blocks
 
 
-def _merged_rows(layer: Layer, xs: list, picks: list, ys: list, bias: bool):
+def _merged_rows(layer: Layer, xs: list, picks: list, y: torch.Tensor, bias: bool):
     """X at the picked samples of every batch of the merged model's own input activations ``xs``, as
-    one block of rows (samples, P) float32, the targets ``ys`` of those samples as one block, and a
+    one block of rows (samples, P) float32, the targets ``y`` of those samples (reordered with X), and a
     conv's row blocks over all of them: one product per block for the whole calibration set instead
     of one per batch. A conv's rows are written grouped by tap block (targets reordered alike), so
     each block's rows are one slice."""
     if not layer.is_conv:
         x = torch.cat([_inputs(layer, [x], pick, None, bias=bias, merged=True)[0] for x, pick in zip(xs, picks)])
-        return x, torch.cat(ys), None
+        return x, y, None
     conv = layer.module
     xs = [x.unsqueeze(2) if x.dim() == 3 else x for x in xs]  # Conv1d as a Conv2d of height 1
     c, size = xs[0].shape[1], tuple(xs[0].shape[2:])
     joined = tuple(torch.cat([p[i] for p in picks]) for i in range(3))
     blocks = _tap_blocks(conv, c, size, joined, bias)
-    y = torch.cat(ys)
     dest = None
     if blocks is not None:
         order = torch.cat([rows for rows, _ in blocks])
