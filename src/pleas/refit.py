@@ -136,7 +136,8 @@ class LayerStats:
         if self.initial is not None:
             w0 = self.initial if self.index is None else self.initial[:, self.index]
             w0 = w0 if active is None else w0[:, active]
-            self.initial_sq += float(torch.square(x @ w0.T.to(x.dtype) - y).sum())
+            r = torch.addmm(y, x, w0.T.to(x.dtype), beta=-1).flatten()  # X W_0^T - Y
+            self.initial_sq += float(torch.dot(r, r))
         g, c = gram(x), (x.T @ y).double()
         if active is None:
             self.gram += g
