@@ -107,17 +107,17 @@ class LayerStats:
 
     def update(self, x: torch.Tensor, y: torch.Tensor, blocks: list | None = None) -> None:
         """Add a batch of rows. Large products run in float32 (a few thousand rows each); the running
-        sums are float64, so round-off does not grow with the dataset. Columns that are zero in every
-        row (kernel taps that only ever read padding, e.g. a 3x3 conv on a 1x1 map) are skipped: they
-        add nothing to G or C. ``blocks`` lists (rows, columns) pairs such that each row is zero
-        outside its block's columns (conv rows grouped by which taps see padding); each block then
-        adds its own smaller product."""
+        sums are float64, so round-off does not grow with the dataset. ``blocks`` lists (rows, columns)
+        pairs such that each row is zero outside its block's columns (conv rows grouped by which taps
+        see padding; rows as indices, or a slice when they come grouped by block); each block then adds
+        its own smaller product. Without blocks, columns that are zero in every row (such as kernel
+        taps that only ever read padding) are skipped: they add nothing to G or C."""
         self.target_sq += float((y.double() ** 2).sum())
         self.count += x.shape[0]
         if blocks is None:
             self._add(x if self.index is None else x[:, self.index], y, None)
             return
-        for rows, cols in blocks:  # rows: indices, or a slice when the rows come grouped by block
+        for rows, cols in blocks:
             xb, yb = (x[rows], y[rows]) if isinstance(rows, slice) else (x.index_select(0, rows), y.index_select(0, rows))
             self._add(xb.index_select(1, cols), yb, self.local(cols))
 
