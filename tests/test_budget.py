@@ -4,7 +4,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import pleas
-from pleas.budget import allocate_merge_counts, prefix_merge_counts, uniform_merge_counts
+from pleas.budget import (allocate_by_loss, allocate_merge_counts, merge_loss_tables, prefix_merge_counts,
+                          uniform_merge_counts)
 from pleas.size import SizeModel
 from toy_models import VGGBN, randomise_norm_stats
 
@@ -110,6 +111,95 @@ def test_merge_with_flops_budget_and_greedy_allocation():
         pleas.merge(a, b, x, method="rebasin", budget_metric="bytes", progress=False)
     with pytest.raises(pleas.MergeInputError, match="allocation='best'; allowed"):
         pleas.merge(a, b, x, method="rebasin", allocation="best", progress=False)
+
+
+def _random_losses(spec, seed):
+    """Convex and non-convex increasing loss tables over k = 0..d."""
+    gen = torch.Generator().manual_seed(seed)
+    losses = {}
+    for i, g in enumerate(spec):
+        steps = torch.rand(g.width, generator=gen, dtype=torch.float64) * (1 + i % 3)
+        if i % 2:
+            steps = torch.sort(steps).values  # convex
+        losses[g.name] = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(steps, 0)])
+    return losses
+
+
+@pytest.mark.parametrize("metric", ["params", "flops"])
+def test_loss_allocation_is_deterministic_and_meets_the_budget_within_one_pair_per_group(resnet_pair, metric):
+    a, _ = resnet_pair
+    spec, sizes, base, top = _job_sizes(a, torch.randn(2, 3, 32, 32), metric)
+    losses = _random_losses(spec, 0)
+    for budget in torch.linspace(1.0, top, 6).tolist():
+        target = budget * base
+        k = allocate_by_loss(spec, losses, sizes, metric, target)
+        assert k == allocate_by_loss(spec, {n: t.clone() for n, t in losses.items()}, sizes, metric, target)
+        assert all(0 <= k[g.name] <= g.width for g in spec)
+        widths = {g.name: 2 * g.width - k[g.name] for g in spec}
+        size = sizes.measure(metric, widths)
+        assert size <= target * (1 + 1e-12), budget
+        for g in spec:  # unmerging one more pair of any group would break the budget
+            if k[g.name] > 0:
+                assert size + sizes.change(metric, widths, g.name, widths[g.name] + 1) > target, (budget, g.name)
+    with pytest.raises(pleas.MergeInputError, match="budget unreachable"):
+        allocate_by_loss(spec, losses, sizes, metric, 0.5 * base)
+
+
+def test_loss_allocation_keeps_the_costly_group_apart():
+    spec, sizes = _vgg_sizes()
+    losses = {g.name: torch.linspace(0, g.width, g.width + 1, dtype=torch.float64) for g in spec}
+    name = spec.groups[0].name
+    losses[name] = losses[name] * 1e6
+    base = sizes.measure("params", {g.name: g.width for g in spec})
+    k = allocate_by_loss(spec, losses, sizes, "params", 1.3 * base)
+    assert k[name] == 0 and any(k.values())
+
+
+def test_merge_loss_tables_match_the_conditional_covariance():
+    """L_g(k) = what the reading layers lose: tr(W Cov(z | merged units) W^T), summed over A's and B's
+    readers, with z the stacked units [A | B] and the merged units those of partial_merge_map."""
+    from pleas.plans import partial_merge_map
+
+    spec, _ = _vgg_sizes()
+    torch.manual_seed(0)
+    sds = [VGGBN(width=8).state_dict(), VGGBN(width=8).state_dict()]
+    gen = torch.Generator().manual_seed(3)
+    covs, perms, sims = {}, {}, {}
+    for g in spec:
+        x = torch.randn(4 * g.width, 2 * g.width, generator=gen, dtype=torch.float64)
+        covs[g.name] = x.T @ x / len(x) + 0.1 * torch.eye(2 * g.width, dtype=torch.float64)
+        perms[g.name] = torch.randperm(g.width, generator=gen)
+        sims[g.name] = torch.rand(g.width, generator=gen, dtype=torch.float64)
+    tables = merge_loss_tables(spec, sds, covs, perms, sims, eps=0.0)
+    for g in spec:
+        d, c = g.width, covs[g.name]
+        readers = [(m, [sd[m.param].double() for sd in sds]) for m in g.members if m.role == "in" and sds[0][m.param].dim() >= 2]
+        assert tables[g.name][0] == 0
+        for k in (1, d // 2, d):
+            merge = partial_merge_map(perms[g.name], sims[g.name], k).merge  # (2d - k, 2d)
+            mc = merge @ c
+            r = c - mc.T @ torch.linalg.solve(mc @ merge.T, mc)  # Cov(z | merged layout)
+            want = 0.0
+            for m, (wa, wb) in readers:
+                for w, block in ((wa, r[:d, :d]), (wb, r[d:, d:])):
+                    w = w.movedim(m.axis, 1).narrow(1, m.offset, d * m.repeat)
+                    w = w.reshape(w.shape[0], d, -1).transpose(1, 2).reshape(-1, d)
+                    want += float((w @ block * w).sum())
+            assert tables[g.name][k].item() == pytest.approx(want, rel=1e-6, abs=1e-9), (g.name, k)
+
+
+def test_merge_with_downstream_allocation():
+    torch.manual_seed(0)
+    a, b = randomise_norm_stats(VGGBN(), 0), randomise_norm_stats(VGGBN(), 1)
+    x = torch.randn(64, 3, 16, 16)
+    runs = [pleas.merge(a, b, x, method="pleas", budget=1.3, allocation="downstream", heads="separate", progress=False)
+            for _ in range(2)]
+    assert runs[0].merge_counts == runs[1].merge_counts
+    assert runs[0].report["size"]["relative_dense"] <= 1.3 + 1e-9
+    uniform = pleas.merge(a, b, x, method="pleas", budget=1.3, heads="separate", progress=False)
+    assert runs[0].merge_counts != uniform.merge_counts
+    with pytest.raises(pleas.MergeInputError, match="allocation='best'; allowed"):
+        pleas.merge(a, b, x, method="pleas", allocation="best", progress=False)
 
 
 def test_merge_fraction_plot_is_written(tmp_path):

@@ -5,18 +5,21 @@ Above 1x it merges only the most similar pairs of each group and keeps the rest 
 fraction for every group, the least merging that meets the budget; ``"greedy"``: every group's k_g
 chosen together to lose the least similarity per unit of size (:func:`pleas.budget.allocate_merge_counts`);
 ``"measured"``: the same with each group's weight measured as the output change when that group alone
-is fully merged; ``"prefix"``: ZipIt!'s schedule, whole groups merged in graph order until the budget is met;
-or ``merge_counts`` (k_g per group) given directly.
+is fully merged; ``"downstream"``: every k_g chosen together to lose the least output energy of the
+layers that read the group, from the activation covariances and the weights
+(:func:`pleas.budget.downstream_merge_counts`); ``"prefix"``: ZipIt!'s schedule, whole groups merged in
+graph order until the budget is met; or ``merge_counts`` (k_g per group) given directly.
 """
 from __future__ import annotations
 
-from ..budget import allocate_merge_counts, group_sensitivity, prefix_merge_counts, uniform_merge_counts
+from ..budget import (allocate_merge_counts, downstream_merge_counts, group_sensitivity, prefix_merge_counts,
+                      uniform_merge_counts)
 from ..errors import MergeInputError
 from ..plans import partial_merge_map
 from .registry import MergeMethod, register_method
 
 
-ALLOCATIONS = ("uniform", "greedy", "measured", "prefix")
+ALLOCATIONS = ("uniform", "greedy", "measured", "downstream", "prefix")
 
 
 @register_method
@@ -33,6 +36,8 @@ class Rebasin(MergeMethod):
         self.allocation = allocation
 
     def plan(self, job):
+        if self.allocation == "downstream" and self.merge_counts is None and job.budget != 1.0:
+            job.moments()  # the full moments it needs, gathered first so that the matching reuses this pass
         matching = job.match()
         counts = self.counts(job)
         return {
@@ -49,6 +54,8 @@ class Rebasin(MergeMethod):
                 weights = group_sensitivity(job, matching) if self.allocation == "measured" else None
                 return allocate_merge_counts(job.spec, matching.similarity, job.sizes, job.budget_metric,
                                              job.target(), weights=weights)
+            if self.allocation == "downstream":
+                return downstream_merge_counts(job)
             if self.allocation == "prefix":
                 return prefix_merge_counts(job.spec, job.sizes, job.budget_metric, job.target())
             return uniform_merge_counts(job.spec, job.sizes, job.budget_metric, job.target())
