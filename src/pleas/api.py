@@ -1,6 +1,7 @@
 """The stable entry point: :func:`merge`."""
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,7 +94,7 @@ def merge(
     zeros = zero_block_count(job.merged_spec, job.state_dicts[0], job.full_maps(maps), len(job.models))
     report = {
         "method": method,
-        "options": options,
+        "options": {k: _describe(v) for k, v in options.items()},
         "budget": budget,
         "budget_metric": budget_metric,
         "heads": heads,
@@ -121,3 +122,13 @@ def merge(
         },
     }
     return MergeResult(model, job.spec, counts, widths, report)
+
+
+def _describe(value: Any) -> Any:
+    """An option as the report holds it: itself when JSON can hold it, else a short description (a base
+    model or a state dict passed as an option is not copied into the report)."""
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        return f"<{type(value).__name__}>"

@@ -108,6 +108,10 @@ def plan_runs(methods: Sequence[str], budgets: Sequence[float]) -> tuple[list[tu
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise MergeInputError(f"unknown method(s) {unknown}; known methods: {sorted(METHODS)}")
+    same_base = [m for m in methods if METHODS[m].needs_base]
+    if same_base:
+        raise MergeInputError(f"method(s) {same_base} merge models fine-tuned from one shared base; the demo's models "
+                              "are trained from different initialisations")
     bad = [b for b in budgets if not (isinstance(b, (int, float)) and b >= 1.0)]
     if bad:
         raise MergeInputError(f"budgets {bad} are out of range; allowed: numbers >= 1 (1x = one source model)")
@@ -126,12 +130,13 @@ def plan_runs(methods: Sequence[str], budgets: Sequence[float]) -> tuple[list[tu
 
 
 def default_methods(quick: bool) -> list[str]:
-    """Every registered method (ensemble first), or the --quick subset of them."""
+    """Every registered method for models of different origins (ensemble first), or the --quick
+    subset of them."""
     from .methods import METHODS
 
     if quick:
         return [m for m in QUICK_METHODS if m in METHODS]
-    return sorted(METHODS, key=lambda m: (METHODS[m].uses_budget, m))
+    return sorted((m for m in METHODS if not METHODS[m].needs_base), key=lambda m: (METHODS[m].uses_budget, m))
 
 
 def source_models(config: ArchConfig, epochs: int, log: Callable[[str], None], seeds: dict[str, int] | None = None):
@@ -167,7 +172,8 @@ def run_demo(
         arch: "resnet20" (16x16 inputs, 8 epochs) or "mlp" (28x28 inputs, 20 epochs).
         budgets: budgets to try (default 1.0, 1.2, 1.5; with ``quick`` 1.0, 1.5). Methods that make
             at most 1x run only at budgets up to that; fixed-size methods (ensemble) run once.
-        methods: method names (default: every registered method; with ``quick`` a few of them).
+        methods: method names (default: every registered method but those for models of one shared base;
+            with ``quick`` a few of them).
         calibration: number of calibration images, half from each task's training set (seeded).
         epochs: training epochs of the source models (default per architecture; fewer with ``quick``).
         seed: seeds the calibration sample and the merges.

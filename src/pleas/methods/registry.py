@@ -28,6 +28,7 @@ class MergeMethod(ABC):
     name = ""
     max_budget: float | None = None
     uses_budget = True
+    needs_base = False  # True: merges models fine-tuned from one shared base, given as the ``base`` option
 
     def __init__(self, **options):
         if options:
