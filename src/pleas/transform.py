@@ -205,9 +205,14 @@ def _apply_units(seg: torch.Tensor, block: torch.Tensor, m: Member) -> torch.Ten
     if block.shape[0] > 64 and int(torch.count_nonzero(block)) <= 2 * block.shape[0]:
         # Permutation-like maps (a unit or a pair per row): gather the units each row reads and add
         # them up, skipping the zeros.
-        rows, cols = block.nonzero(as_tuple=True)
-        out = flat.new_zeros(block.shape[0], flat.shape[1])
-        out.index_add_(0, rows, flat[cols] * block[rows, cols][:, None])
+        rows, cols = block.nonzero(as_tuple=True)  # sorted by row
+        picked = flat[cols] * block[rows, cols][:, None]
+        if len(rows) > 1 and bool((rows[1:] == rows[:-1]).any()):  # some row adds several units
+            out = flat.new_zeros(block.shape[0], flat.shape[1]).index_add_(0, rows, picked)
+        elif len(rows) == block.shape[0]:  # one unit per row: the gather is the result
+            out = picked
+        else:
+            out = flat.new_zeros(block.shape[0], flat.shape[1]).index_copy_(0, rows, picked)
     else:
         out = block @ flat
     return out.reshape(block.shape[0] * m.repeat, *rest)
