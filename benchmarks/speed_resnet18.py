@@ -3,8 +3,11 @@
 Forward floor: the time for A and B to run once over the calibration data (eval, no_grad), the median
 of three warm runs (``pleas.bench.measure.forward_floor``). The merge is timed warm too (after one
 small merge has loaded every code path): the median of ``--repeats`` merges and the phases of the
-median one. ``--in-channels 1 --heads separate`` is the benchmark suite's resnet18 (MNIST halves).
+median one. ``--in-channels 1 --heads separate`` is the benchmark suite's resnet18 (MNIST halves), untrained;
+``--suite-task mnist-halves`` (or ``domains``) takes the suite's own trained pair 0 and its calibration
+draw instead (trained, or taken from the cache, as ``pleas bench`` does).
 Usage: python benchmarks/speed_resnet18.py [--images 4000] [--batch 256] [--repeats 3] [--profile]
+       [--suite-task mnist-halves|domains]
 """
 import argparse
 import json
@@ -28,6 +31,8 @@ parser.add_argument("--method", default="pleas")
 parser.add_argument("--profile", action="store_true")
 parser.add_argument("--sort", default="cumulative", help="profile order: cumulative or tottime")
 parser.add_argument("--options", default="{}", help='method options as JSON, e.g. {"inputs": "teacher"}')
+parser.add_argument("--suite-task", default=None, choices=["mnist-halves", "domains"],
+                    help="the benchmark suite's trained resnet18 pair 0 of this task and its calibration data")
 args = parser.parse_args()
 
 
@@ -39,8 +44,17 @@ def resnet18(seed: int) -> torch.nn.Module:
     return model.eval()
 
 
-a, b = resnet18(0), resnet18(1)
-data = torch.randn(args.images, args.in_channels, 32, 32)
+if args.suite_task:
+    from pleas.bench import tasks as task_defs
+
+    task = task_defs.TASKS[args.suite_task]
+    pair = task_defs.source_models(task, "resnet18", 0, task.archs["resnet18"].epochs, print)
+    a, b = pair[0].model.eval(), pair[1].model.eval()
+    data = task_defs.task_calibration(pair[0], pair[1], args.images, seed=0)
+    args.heads = task.heads
+else:
+    a, b = resnet18(0), resnet18(1)
+    data = torch.randn(args.images, args.in_channels, 32, 32)
 options = json.loads(args.options)
 
 
