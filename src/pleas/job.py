@@ -73,7 +73,7 @@ class MergeJob:
                 raise MergeInputError(f"{label} must be an nn.Module, got {type(m).__name__}")
         check_same_architecture(model_a, model_b)
         for label, m in (("model_a", model_a), ("model_b", model_b)):
-            check_finite(m, label)
+            check_finite(m.state_dict(), label)
         models = [copy.deepcopy(m).to(device=device, dtype=dtype).eval() for m in (model_a, model_b)]
         calib = Calibration(data, batch_size=batch_size, device=device, dtype=dtype)
         example = next(iter(calib))
@@ -181,22 +181,26 @@ class MergeJob:
 
 
 def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:
-    sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
-    if list(sd_a) != list(sd_b):
+    difference = architecture_difference(model_a.state_dict(), model_b.state_dict())
+    if difference:
+        raise MergeInputError(f"model_a and model_b have different architectures: {difference}")
+
+
+def architecture_difference(sd_a: dict[str, torch.Tensor], sd_b: dict[str, torch.Tensor], a: str = "A",
+                            b: str = "B", *, ordered: bool = True) -> str | None:
+    """How two state dicts differ in their entries (names, and their order when ``ordered``) or shapes,
+    naming them ``a`` and ``b``; None when they agree."""
+    if (list(sd_a) != list(sd_b)) if ordered else (set(sd_a) != set(sd_b)):
         only_a, only_b = sorted(set(sd_a) - set(sd_b)), sorted(set(sd_b) - set(sd_a))
-        raise MergeInputError(
-            f"model_a and model_b have different architectures: tensors only in A {only_a[:5]}, only in B {only_b[:5]}"
-        )
+        return f"tensors only in {a} {only_a[:5]}, only in {b} {only_b[:5]}"
     for k in sd_a:
         if sd_a[k].shape != sd_b[k].shape:
-            raise MergeInputError(
-                f"model_a and model_b have different architectures: {k} has shape {tuple(sd_a[k].shape)} in A "
-                f"and {tuple(sd_b[k].shape)} in B"
-            )
+            return f"{k} has shape {tuple(sd_a[k].shape)} in {a} and {tuple(sd_b[k].shape)} in {b}"
+    return None
 
 
-def check_finite(model: nn.Module, label: str) -> None:
-    for k, t in model.state_dict().items():
+def check_finite(state_dict: dict[str, torch.Tensor], label: str) -> None:
+    for k, t in state_dict.items():
         # A finite sum proves every entry finite (NaN and inf propagate); only a sum that is not
         # (an overflow, or a bad entry) needs the entry-by-entry check.
         if t.dtype.is_floating_point and not (torch.isfinite(t.sum()) or torch.isfinite(t).all()):

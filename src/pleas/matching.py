@@ -379,7 +379,8 @@ def activation_matching(spec: PermutationSpec, moments: dict) -> Matching:
         if getattr(stat, "count", 1) == 0:
             raise MergeInputError(f"activation statistics of group {g.name!r} hold no samples (does it have sites?)")
         d = g.width
-        if isinstance(stat, (Moments, CrossMoments)):  # only the block of A's units against B's is computed
+        streamed = isinstance(stat, (Moments, CrossMoments))  # then only the block of A's units against B's is computed
+        if streamed:
             shape = (len(stat.sum), len(stat.sum))
         else:
             stat = stat.correlation() if hasattr(stat, "correlation") else torch.as_tensor(stat)
@@ -388,8 +389,7 @@ def activation_matching(spec: PermutationSpec, moments: dict) -> Matching:
             raise MergeInputError(
                 f"correlation of group {g.name!r} has shape {shape}; two models of width {d} need ({2 * d}, {2 * d})"
             )
-        s = (stat.correlation(rows=slice(0, d), cols=slice(d, 2 * d)) if isinstance(stat, (Moments, CrossMoments))
-             else stat[:d, d:])
+        s = stat.correlation(rows=slice(0, d), cols=slice(d, 2 * d)) if streamed else stat[:d, d:]
         s = s.detach().to(device="cpu", dtype=torch.float64)
         if not torch.isfinite(s).all():
             raise MergeInputError(f"correlation of group {g.name!r} has non-finite entries")

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import MergeInputError
+from ..job import architecture_difference, check_finite
 from ..plans import partial_merge_map
 from ..task_vectors import arithmetic, task_vectors
 from .registry import MergeMethod, register_method
@@ -58,16 +59,10 @@ class SameBase(MergeMethod):
         return super().finish(job, model, maps)
 
     def _check_base(self, source: dict[str, torch.Tensor]) -> None:
-        only_base, only_a = sorted(set(self.base) - set(source)), sorted(set(source) - set(self.base))
-        if only_base or only_a:
-            raise MergeInputError(f"base has a different architecture than model_a: tensors only in base {only_base[:5]}, "
-                                  f"only in model_a {only_a[:5]}")
-        for k, t in source.items():
-            if self.base[k].shape != t.shape:
-                raise MergeInputError(f"base has a different architecture than model_a: {k} has shape "
-                                      f"{tuple(self.base[k].shape)} in base and {tuple(t.shape)} in model_a")
-            if self.base[k].dtype.is_floating_point and not torch.isfinite(self.base[k]).all():
-                raise MergeInputError(f"base has NaN or infinite values in {k!r}; refusing to merge")
+        difference = architecture_difference(self.base, source, "base", "model_a", ordered=False)
+        if difference:
+            raise MergeInputError(f"base has a different architecture than model_a: {difference}")
+        check_finite(self.base, "base")
 
 
 @register_method
