@@ -13,7 +13,8 @@ by its outputs' distance to the two sources' (the permuted ensemble's) on held-o
 variance, "agree" the fraction of inputs whose argmax agrees with the ensemble's.
 
 Usage: python benchmarks/allocation.py [--archs resnet20,domains] [--budgets 1.2,1.5] [--seeds 0,1,2]
-       [--metric params|flops] [--allocations uniform,prefix,greedy] [--json out.json]
+       [--metric params|flops|effective_params|effective_flops] [--allocations uniform,prefix,downstream]
+       [--json out.json]
 """
 import argparse
 import json
@@ -40,6 +41,8 @@ parser.add_argument("--allocations", default="uniform,prefix,greedy,measured")
 parser.add_argument("--options", default="{}", help='method options as JSON, e.g. {"inputs": "teacher"}')
 parser.add_argument("--json", default=None, help="write every merge's numbers here")
 args = parser.parse_args()
+SIZE_KEYS = {"params": "relative_dense", "flops": "relative_flops", "effective_params": "relative_effective",
+             "effective_flops": "relative_effective_flops"}
 torch.set_num_threads(1)
 
 
@@ -99,7 +102,7 @@ for arch in args.archs.split(","):
                                 **json.loads(args.options))
                 sec = time.perf_counter() - start
                 acc = [train.evaluate(r.model, tests[t], output_index=None if shared else i) for i, t in enumerate(tests)]
-                size = r.report["size"]["relative_dense" if args.metric == "params" else "relative_flops"]
+                size = r.report["size"][SIZE_KEYS[args.metric]]
                 dist = distance(r.model, held, (models["A"], models["B"]), shared)
                 rows.append({"arch": arch, "budget": budget, "allocation": allocation, "seed": seed, "size": size,
                              "acc": acc, "mean": sum(acc) / 2, "sec": sec, **dist, "merge_counts": r.merge_counts})

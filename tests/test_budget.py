@@ -38,6 +38,36 @@ def test_size_function_matches_the_built_model(resnet_pair):
         assert 2 * sizes.measure("flops", widths) == counter.get_total_flops()
 
 
+def test_effective_size_matches_the_built_models_zero_blocks(resnet_pair):
+    """effective_params / effective_flops: the dense count minus the entries that are zero by
+    construction (one model's own rows reading the other's own columns), read off the built model."""
+    from pleas.size import METRICS
+
+    a, b = resnet_pair
+    x = torch.randn(4, 3, 32, 32)
+    spec = pleas.build_spec(a, x[:2])
+    sizes = SizeModel(spec, a.state_dict())
+    assert METRICS == ("params", "flops", "effective_params", "effective_flops")
+    gen = torch.Generator().manual_seed(5)
+    for trial in range(3):
+        counts = {g.name: int(torch.randint(0, g.width + 1, (1,), generator=gen)) for g in spec}
+        result = pleas.merge(a, b, x, method="rebasin", merge_counts=counts, budget=3.0, reset_norms=False, progress=False)
+        widths = {g.name: 2 * g.width - counts[g.name] for g in spec}
+        state = result.model.state_dict()
+        zeros = {k: int((t == 0).sum()) for k, t in state.items() if t.dim() >= 2}  # random weights: no other zeros
+        assert sum(zeros.values()) > 0
+        assert sizes.measure("effective_params", widths) == sizes.measure("params", widths) - sum(zeros.values())
+        flops = sizes.measure("flops", widths) - sum(z * spec.positions.get(k, 0) for k, z in zeros.items())
+        assert sizes.measure("effective_flops", widths) == flops
+        base = sizes.measure("params", {g.name: g.width for g in spec})
+        assert result.report["size"]["relative_effective"] == pytest.approx(
+            sizes.measure("effective_params", widths) / base, rel=1e-12)
+    # both models side by side cost exactly two models, effectively (the shared head's bias: once)
+    apart = {g.name: 2 * g.width for g in spec}
+    for metric in ("effective_params", "effective_flops"):
+        assert sizes.measure(metric, apart) / sizes.measure(metric, spec.widths) == pytest.approx(2.0, abs=1e-5)
+
+
 def _job_sizes(a, x, metric):
     spec = pleas.build_spec(a, x[:2])
     sizes = SizeModel(spec, a.state_dict())
@@ -46,7 +76,7 @@ def _job_sizes(a, x, metric):
     return spec, sizes, base, top
 
 
-@pytest.mark.parametrize("metric", ["params", "flops"])
+@pytest.mark.parametrize("metric", ["params", "flops", "effective_params", "effective_flops"])
 def test_every_budget_is_met_within_one_pair(resnet_pair, metric):
     a, _ = resnet_pair
     x = torch.randn(2, 3, 32, 32)
@@ -125,7 +155,7 @@ def _random_losses(spec, seed):
     return losses
 
 
-@pytest.mark.parametrize("metric", ["params", "flops"])
+@pytest.mark.parametrize("metric", ["params", "flops", "effective_params", "effective_flops"])
 def test_loss_allocation_is_deterministic_and_meets_the_budget_within_one_pair_per_group(resnet_pair, metric):
     a, _ = resnet_pair
     spec, sizes, base, top = _job_sizes(a, torch.randn(2, 3, 32, 32), metric)
@@ -200,6 +230,30 @@ def test_merge_with_downstream_allocation():
     assert runs[0].merge_counts != uniform.merge_counts
     with pytest.raises(pleas.MergeInputError, match="allocation='best'; allowed"):
         pleas.merge(a, b, x, method="pleas", allocation="best", progress=False)
+
+
+def test_effective_budgets_default_to_downstream_allocation():
+    torch.manual_seed(0)
+    a, b = randomise_norm_stats(VGGBN(), 0), randomise_norm_stats(VGGBN(), 1)
+    x = torch.randn(64, 3, 16, 16)
+    eff = pleas.merge(a, b, x, method="pleas", budget=1.5, budget_metric="effective_params", heads="separate",
+                      progress=False)
+    assert eff.report["allocation"] == "downstream" and eff.report["budget_metric"] == "effective_params"
+    assert 1.4 < eff.report["size"]["relative_effective"] <= 1.5 + 1e-9
+    assert eff.report["size"]["relative_dense"] > eff.report["size"]["relative_effective"]
+    dense = pleas.merge(a, b, x, method="pleas", budget=1.5, heads="separate", progress=False)
+    assert dense.report["allocation"] == "uniform" and dense.report["size"]["relative_dense"] <= 1.5 + 1e-9
+    asked = pleas.merge(a, b, x, method="rebasin", budget=1.5, budget_metric="effective_flops", allocation="prefix",
+                        progress=False)
+    assert asked.report["allocation"] == "prefix" and asked.report["size"]["relative_effective_flops"] <= 1.5 + 1e-9
+    top = pleas.merge(a, b, x, method="rebasin", budget=2.0, budget_metric="effective_params", progress=False)
+    assert all(k == 0 for k in top.merge_counts.values())  # 2x effective: both models whole
+    with pytest.raises(pleas.MergeInputError, match=r"budget=2.1 is out of range; reachable for this model: \[1, 2"):
+        pleas.merge(a, b, x, method="pleas", budget=2.1, budget_metric="effective_params", progress=False)
+    with pytest.raises(pleas.MergeInputError, match="mask=False with budget_metric='effective_params'"):
+        pleas.merge(a, b, x, method="pleas", budget=1.5, budget_metric="effective_params", mask=False, progress=False)
+    with pytest.raises(pleas.MergeInputError, match="zipit with budget_metric='effective_flops'.*allowed: 'params'"):
+        pleas.merge(a, b, x, method="zipit", budget=1.5, budget_metric="effective_flops", progress=False)
 
 
 def test_merge_fraction_plot_is_written(tmp_path):

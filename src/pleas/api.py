@@ -57,12 +57,14 @@ def merge(
         data: calibration inputs: a tensor (N, ...), a DataLoader, or an iterable of tensors or
             (inputs, labels) pairs.
         method: a registered method name (see ``pleas.methods.METHODS``).
-        budget_metric: ``"params"`` or ``"flops"`` (multiply-adds of Linear/Conv layers per sample).
-        budget: merged size relative to one source model, counted in floating-point entries of the
-            returned (dense) model's state dict, from 1 up to the dense size of the two models side
-            by side, which exceeds 2 because dense layers hold the zero cross blocks (the report
-            also gives the effective size without them). With separate heads the second head is
-            not counted. Ignored by ``ensemble``, whose size is fixed.
+        budget_metric: ``"params"`` (dense), ``"flops"`` (multiply-adds of Linear/Conv layers per
+            sample), or ``"effective_params"`` / ``"effective_flops"``: the same without the zero blocks
+            (the paper's count; from 1 to 2). Effective budgets default to ``allocation="downstream"``.
+        budget: merged size relative to one source model, in ``budget_metric``; by default the
+            floating-point entries of the returned (dense) model's state dict, from 1 up to the dense
+            size of the two models side by side, which exceeds 2 because dense layers hold the zero
+            cross blocks (the report gives every count). With separate heads the second head is not
+            counted. Ignored by ``ensemble``, whose size is fixed.
         heads: ``"shared"`` (one label space; outputs are merged) or ``"separate"`` (each source keeps
             its head; the merged forward returns a tuple).
         matching: ``"activation"`` (correlation of activations) or ``"weight"`` (Git Re-Basin).
@@ -107,6 +109,7 @@ def merge(
             "effective_params": model_param_count(model) - zeros,
             "relative_effective": (job.size(widths, "params") - zeros) / base,
             "relative_flops": job.size(widths, "flops") / max(job.base_size("flops"), 1),
+            "relative_effective_flops": job.size(widths, "effective_flops") / max(job.base_size("effective_flops"), 1),
         },
         "groups": [
             {"name": g.name, "width": g.width, "merged_width": widths[g.name], "merge_count": counts[g.name]}

@@ -23,7 +23,7 @@ def uniform_merge_counts(
 
     if size_at(1.0) > target:
         raise MergeInputError(
-            f"budget unreachable: merging every unit gives {size_at(1.0)} parameters, more than the {int(target)} asked"
+            f"budget unreachable: merging every unit gives {size_at(1.0)} {metric}, more than the {int(target)} asked"
         )
     if size_at(0.0) <= target:
         return counts(0.0)

@@ -6,6 +6,7 @@ import json
 import sys
 
 from . import __version__
+from .size import METRICS
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -125,7 +126,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     size = result.report.get("size", {})
     print(f"method   {method} (budget {args.budget:g}, heads {args.heads}, matching {args.matching}, seed {args.seed})")
     print(f"size     {size.get('relative_dense', float('nan')):.3f}x one source model "
-          f"({size.get('merged_params', 0):,} vs {size.get('source_params', 0):,} entries)")
+          f"({size.get('merged_params', 0):,} vs {size.get('source_params', 0):,} entries), "
+          f"{size.get('relative_effective', float('nan')):.3f}x without the zero blocks")
+    if "allocation" in result.report:
+        print(f"budget   {args.budget_metric}, spread by allocation={result.report['allocation']!r}")
     if ratios:
         print(f"widths   {len(groups)} groups, {new_units} units from {src_units} per source "
               f"(per group {min(ratios):.2f}x to {max(ratios):.2f}x)")
@@ -222,8 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="where to write the merged model (.safetensors)")
     p.add_argument("--report", help="also write the JSON report (sizes, widths, timings) here")
     p.add_argument("--plot", help="also save a bar chart of each group's merged fraction here (.png; needs matplotlib)")
-    p.add_argument("--budget-metric", choices=("params", "flops"), default="params",
-                   help="what the budget counts: dense parameters or Linear/Conv multiply-adds (default params)")
+    p.add_argument("--budget-metric", choices=METRICS, default="params",
+                   help="what the budget counts: dense parameters, Linear/Conv multiply-adds, or either without the "
+                   "zero blocks (effective_params, effective_flops: the paper's count; range [1, 2]) (default params)")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser(

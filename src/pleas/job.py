@@ -144,7 +144,7 @@ class MergeJob:
         """Exact sizes of the merged model as a function of group widths (separate heads: both kept)."""
         if "sizes" not in self._cache:
             extra = {g.name: len(self.models) * g.width for g in self.spec.outputs} if self.heads == "separate" else {}
-            self._cache["sizes"] = SizeModel(self.merged_spec, self.state_dicts[0], extra)
+            self._cache["sizes"] = SizeModel(self.merged_spec, self.state_dicts[0], extra, len(self.models))
         return self._cache["sizes"]
 
     def size(self, widths: dict[str, int], metric: str | None = None) -> int:
@@ -165,10 +165,13 @@ class MergeJob:
 
     def check_budget(self) -> None:
         top = self.max_budget()
+        if self.budget_metric.startswith("effective_"):  # n models side by side: n x, but for shared tensors
+            top = max(top, float(len(self.models)))
         if self.budget > top * (1 + 1e-9):
             raise MergeInputError(
                 f"budget={self.budget:g} is out of range; reachable for this model: [1, {top:.4f}] "
-                f"({self.budget_metric} of the two models side by side, dense)"
+                f"({self.budget_metric} of the two models side by side"
+                f"{'' if self.budget_metric.startswith('effective_') else ', dense'})"
             )
 
     def build(self, maps: dict[str, GroupMap]) -> nn.Module:

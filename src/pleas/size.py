@@ -47,7 +47,7 @@ def zero_block_count(
     return total
 
 
-METRICS = ("params", "flops")
+METRICS = ("params", "flops", "effective_params", "effective_flops")
 
 
 class SizeModel:
@@ -55,21 +55,40 @@ class SizeModel:
 
     ``params``: floating-point entries of the state dict (the dense model actually returned).
     ``flops``: multiply-adds of its Linear and Conv layers per sample, for the traced input shape.
+    ``effective_params``, ``effective_flops``: the same without the zero blocks (ALGORITHM.md section 3:
+    a layer costs m_o x m_i - 2 (d_o - k_o)(d_i - k_i)), the paper's way of counting. A group of width
+    d at width w is taken to hold k = d - (w - d) / (n - 1) merged units and (w - d) / (n - 1) units of
+    each of the ``n_models`` sources alone (PLeaS's and Git Re-Basin's layout); rows of one source never
+    read the columns of another. All ``n_models`` apart (the ensemble) is exactly n x one model.
     ``extra_widths`` fixes the widths of groups that are not chosen (e.g. separate heads).
     """
 
-    def __init__(self, spec: PermutationSpec, state_dict: dict[str, torch.Tensor], extra_widths: dict[str, int] | None = None):
+    def __init__(self, spec: PermutationSpec, state_dict: dict[str, torch.Tensor],
+                 extra_widths: dict[str, int] | None = None, n_models: int = 2):
         self.spec = spec
         self.shapes = {k: tuple(t.shape) for k, t in state_dict.items() if t.dtype.is_floating_point}
         self.extra = dict(extra_widths or {})
+        self.n = n_models
         self.touching: dict[str, list[str]] = {}
+        # Per tensor, the groups on its axes as (group, axis, repeat, width): allocators call change() a lot.
+        self._members: dict[str, list[tuple[str, int, int, int]]] = {}
         for key in self.shapes:
+            self._members[key] = [(g.name, m.axis, m.repeat, g.width) for g, m in spec.members_of(key)]
             for g, _ in spec.members_of(key):
                 self.touching.setdefault(g.name, []).append(key)
 
     def _cost(self, metric: str, key: str, widths: dict[str, int]) -> int:
-        numel = math.prod(param_shape(self.spec, key, self.shapes[key], {**self.extra, **widths}))
-        if metric == "params":
+        shape = list(self.shapes[key])
+        alone = [0, 0]  # entries of axes 0 and 1 that belong to one given source alone
+        for name, axis, repeat, d in self._members[key]:
+            w = widths[name] if name in widths else self.extra.get(name, d)
+            shape[axis] += (w - d) * repeat
+            if axis < 2:
+                alone[axis] += (w - d) // max(self.n - 1, 1) * repeat
+        numel = math.prod(shape)
+        if metric.startswith("effective_") and len(shape) >= 2:
+            numel -= self.n * (self.n - 1) * alone[0] * alone[1] * math.prod(shape[2:])
+        if metric.endswith("params"):
             return numel
         return numel * self.spec.positions.get(key, 0)
 

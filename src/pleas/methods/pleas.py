@@ -5,6 +5,7 @@ Calibration data from another dataset gives PLeaS-free: nothing changes but the 
 """
 from __future__ import annotations
 
+from ..errors import MergeInputError
 from ..norms import reset_batchnorm_stats
 from ..refit import RefitOptions, TargetSampler, refit
 from .rebasin import Rebasin
@@ -38,8 +39,6 @@ class PLeaS(Rebasin):
                  adam_steps: int = 300, adam_lr: float = 1e-3, fold_bn: bool = False, inputs: str = "propagated",
                  merge_counts=None, allocation: str | None = None):
         super().__init__(merge_counts=merge_counts, allocation=allocation)
-        from ..errors import MergeInputError
-
         if refit not in ("exact", "adam"):
             raise MergeInputError(f"refit={refit!r}; allowed: 'exact', 'adam'")
         if inputs not in ("teacher", "propagated"):
@@ -51,6 +50,11 @@ class PLeaS(Rebasin):
         self.fold_bn = bool(fold_bn)
 
     def plan(self, job):
+        if not self.options["mask"] and job.budget_metric.startswith("effective_") and job.budget != 1.0:
+            raise MergeInputError(
+                f"mask=False with budget_metric={job.budget_metric!r}: the refit would fill the zero blocks that an "
+                "effective size leaves out; use mask=True or budget_metric 'params' or 'flops'"
+            )
         if self.fold_bn:
             from ..fold import fold_batchnorm
 

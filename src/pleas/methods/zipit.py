@@ -4,6 +4,7 @@ topological order) and keep the rest of both models side by side, the depth chos
 (the last zipped group only as far as the budget needs, so budgets between two depths are met too)."""
 from __future__ import annotations
 
+from ..errors import MergeInputError
 from ..plans import ensemble_map
 from ..zipit_match import zip_units
 from .registry import MergeMethod, register_method
@@ -20,6 +21,11 @@ class ZipIt(MergeMethod):
         self.alpha, self.beta = float(alpha), float(beta)
 
     def plan(self, job):
+        if job.budget_metric.startswith("effective_") and job.budget != 1.0:
+            raise MergeInputError(
+                f"zipit with budget_metric={job.budget_metric!r}: effective sizes assume PLeaS's layout (merged pairs, "
+                "then each model's own units), which zipping within a model breaks; allowed: 'params', 'flops'"
+            )
         n = len(job.models)
         widths = self.zip_widths(job)
         moments = job.moments()
