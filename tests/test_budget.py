@@ -228,6 +228,9 @@ def test_merge_with_downstream_allocation():
     assert runs[0].report["size"]["relative_dense"] <= 1.3 + 1e-9
     uniform = pleas.merge(a, b, x, method="pleas", budget=1.3, heads="separate", progress=False)
     assert runs[0].merge_counts != uniform.merge_counts
+    # fewer samples than the classifier group's 2 x 32 units: a singular covariance, still allocated
+    few = pleas.merge(a, b, x[:20], method="rebasin", budget=1.3, allocation="downstream", progress=False)
+    assert few.report["size"]["relative_dense"] <= 1.3 + 1e-9
     with pytest.raises(pleas.MergeInputError, match="allocation='best'; allowed"):
         pleas.merge(a, b, x, method="pleas", allocation="best", progress=False)
 

@@ -67,6 +67,17 @@ def test_merge_from_files_equals_the_api(tmp_path, files, capsys, method, budget
     assert rep["size"]["relative_dense"] == pytest.approx(api.report["size"]["relative_dense"])
 
 
+def test_effective_budget_from_the_shell(tmp_path, files, capsys):
+    out, report = tmp_path / "merged.safetensors", tmp_path / "merged.json"
+    assert main(_merge_args(files, out, "--method", "rebasin", "--budget", "1.4", "--budget-metric", "effective_params",
+                            "--report", str(report))) == 0
+    text = capsys.readouterr().out
+    assert "without the zero blocks" in text and "allocation='downstream'" in text
+    rep = json.loads(report.read_text())
+    assert rep["budget_metric"] == "effective_params" and rep["allocation"] == "downstream"
+    assert rep["size"]["relative_effective"] <= 1.4 + 1e-9 < rep["size"]["relative_dense"]
+
+
 def test_same_seed_gives_identical_bytes(tmp_path, files):
     outs = [tmp_path / "one.safetensors", tmp_path / "two.safetensors"]
     for out in outs:

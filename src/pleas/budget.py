@@ -110,6 +110,7 @@ def merge_loss_tables(
         t = torch.cat([torch.cat([eye / 2, pb / 2], 1), torch.cat([eye, -pb], 1)])  # z -> (s, delta)
         cov = t @ c @ t.T
         cov = cov + eps * float(cov.diagonal().mean().clamp_min(1e-30)) * torch.eye(2 * d, dtype=torch.float64)
+        cov = cov + _shifted_cholesky(cov, eps)[1] * torch.eye(2 * d, dtype=torch.float64)  # few samples
         prec = torch.linalg.inv(cov)[d:, d:]  # precision of the differences, given everything else
         prec = (prec + prec.T) / 2
         order = torch.argsort(similarity[g.name].double(), descending=True, stable=True)
@@ -117,7 +118,7 @@ def merge_loss_tables(
         values = [0.0]
         for k in grid[1:]:
             idx = order[:k]
-            chol = torch.linalg.cholesky(prec[idx][:, idx])
+            chol = _shifted_cholesky(prec[idx][:, idx], 1e-12)[0]
             sigma = torch.cholesky_inverse(chol)
             values.append(float((q[idx][:, idx] * sigma).sum()) / 4)
         table = torch.empty(d + 1, dtype=torch.float64)
@@ -125,6 +126,22 @@ def merge_loss_tables(
             table[k0 : k1 + 1] = torch.linspace(v0, v1, k1 - k0 + 1, dtype=torch.float64)
         tables[g.name] = table
     return tables
+
+
+def _shifted_cholesky(m: torch.Tensor, start: float) -> tuple[torch.Tensor, float]:
+    """Cholesky factor of the symmetric ``m`` + shift I, and the least shift that allows it (0, else ``start``
+    x the mean diagonal, times 10 until it works): a covariance from fewer samples than units is singular,
+    and rounding in its moments can leave it slightly indefinite."""
+    scale = float(m.diagonal().abs().mean().clamp_min(1e-30))
+    eye = torch.eye(len(m), dtype=m.dtype)
+    shift = 0.0
+    while True:
+        chol, info = torch.linalg.cholesky_ex(m + shift * eye if shift else m)
+        if not int(info):
+            return chol, shift
+        shift = start * scale if shift == 0.0 else shift * 10
+        if not shift <= 1e6 * scale:
+            raise MergeInputError("the activation covariance is not finite or far from positive definite")
 
 
 def allocate_by_loss(
