@@ -83,7 +83,8 @@ def test_selection_and_configs():
     assert quick.selection == [("mnist-halves", "mlp")] and quick.seed_pairs == 1 and quick.budgets == [1.0, 1.5]
     full = run.make_config()
     assert full.seed_pairs == 3 and full.budgets == [1.0, 1.2, 1.5, 1.8, 2.0] and full.selection == pairs
-    assert run.count_merges(full) == 28 * 3 * len(pairs)
+    # 28 merges per pair at every budget, and three effective-budget allocations at 1.2x and 1.5x only
+    assert run.count_merges(full) == (28 + 3 * 2) * 3 * len(pairs)
     assert tasks.pair_seeds(2) == (4, 5)
 
 
@@ -192,7 +193,7 @@ GOOD = {("ensemble", None): 0.95, ("average", 1.0): 0.30, ("rebasin-weight", 1.0
 
 def test_findings_that_hold():
     summary = Summary(_results(GOOD))
-    above, gap, free, speed = findings.all_findings(summary)
+    above, gap, free, speed, allocation = findings.all_findings(summary)
     assert above.holds and above.verdict == "Holds on 1 of 1 task/architecture pairs."
     assert "holds: +11.0 points over RegMean" in above.table
     assert gap.holds and "At 1.2x PLeaS closes 75% to 75% of the gap (mean 75%)" in gap.verdict  # (0.855-0.555)/0.4
@@ -204,7 +205,7 @@ def test_findings_that_hold():
 def test_findings_that_fail_say_so_with_numbers():
     bad = {**GOOD, ("regmean", 1.0): 0.82, ("pleas", 1.2): 0.61, ("pleas-free", 1.5): 0.80}
     summary = Summary(_results(bad, pleas_seconds=9.0))
-    above, gap, free, speed = findings.all_findings(summary)
+    above, gap, free, speed, allocation = findings.all_findings(summary)
     assert above.holds is False
     assert "Does not hold on t / resnet18 (RegMean 0.825 vs PLeaS 0.815)" in above.verdict
     assert "fails: RegMean 0.825 vs PLeaS 0.815" in above.table
@@ -215,12 +216,26 @@ def test_findings_that_fail_say_so_with_numbers():
 
 def test_findings_without_the_data_they_need():
     summary = Summary(_results({("ensemble", None): 0.9, ("pleas", 1.0): 0.8}, arch="mlp", pairs=(0.0,)))
-    above, gap, free, speed = findings.all_findings(summary)
-    assert above.holds is gap.holds is free.holds is speed.holds is None
+    above, gap, free, speed, allocation = findings.all_findings(summary)
+    assert above.holds is gap.holds is free.holds is speed.holds is allocation.holds is None
     assert free.verdict == "Not measured in this run."
     assert "resnet18 is not in this run" in speed.verdict and "t / mlp 3.0x" in speed.verdict
     close = {("ensemble", None): 0.9, ("rebasin-activation", 1.0): 0.898, ("pleas", 1.2): 0.9}
     assert "no gap" in findings.gap_closed(Summary(_results(close))).table
+
+
+def _allocations(uniform, prefix, downstream):
+    return {(f"pleas-eff-{name}", b): acc + (b - 1.2) / 10
+            for name, acc in (("uniform", uniform), ("prefix", prefix), ("downstream", downstream)) for b in (1.2, 1.5)}
+
+
+def test_allocation_finding_holds_only_ahead_of_both_schedules_at_both_budgets():
+    good = findings.allocation_beats_schedules(Summary(_results({**GOOD, **_allocations(0.85, 0.84, 0.87)})))
+    assert good.holds and good.verdict == "Holds on 1 of 1 task/architecture pairs."
+    assert "0.855 / 0.845 / 0.875" in good.table and "holds: +2.0 vs uniform at 1.2x; +3.0 vs prefix at 1.2x" in good.table
+    bad = findings.allocation_beats_schedules(Summary(_results({**GOOD, **_allocations(0.85, 0.88, 0.87)})))
+    assert bad.holds is False
+    assert "Does not hold on t / resnet18 (not ahead of prefix at 1.2x (-1.0), prefix at 1.5x (-1.0))" in bad.verdict
 
 
 def test_within_spread_is_noted():

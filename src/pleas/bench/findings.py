@@ -29,6 +29,10 @@ BASELINES = {
 }
 #: Architecture whose speed the floor target is about.
 SPEED_ARCH = "resnet18"
+#: PLeaS under effective budgets with each allocation (the bench's ``pleas-eff-*`` setups), and its budgets.
+EFFECTIVE_ALLOCATIONS = {"uniform": "pleas-eff-uniform", "prefix": "pleas-eff-prefix",
+                         "downstream": "pleas-eff-downstream"}
+ALLOCATION_BUDGETS = (1.2, 1.5)
 
 
 @dataclass
@@ -214,5 +218,44 @@ def merge_speed(s: Summary) -> Finding:
                    holds)
 
 
+def allocation_beats_schedules(s: Summary) -> Finding:
+    """Under effective budgets, PLeaS with the "downstream" allocation above PLeaS with one uniform merge
+    fraction and with the prefix schedule, at each of :data:`ALLOCATION_BUDGETS`."""
+    rows, holding, failing, unmeasured = [], [], [], []
+    for task, arch in s.combos:
+        stats = {b: {a: s.mean_acc(task, arch, label, b) for a, label in EFFECTIVE_ALLOCATIONS.items()}
+                 for b in ALLOCATION_BUDGETS}
+        measured = [b for b in ALLOCATION_BUDGETS if all(v is not None for v in stats[b].values())]
+        cells = [" / ".join(fmt.value(stats[b][a], 3) for a in EFFECTIVE_ALLOCATIONS) for b in ALLOCATION_BUDGETS]
+        if not measured:
+            unmeasured.append(_combo(task, arch))
+            rows.append([_combo(task, arch), *cells, "not measured"])
+            continue
+        behind, said = [], []
+        for b in measured:
+            down = stats[b]["downstream"]
+            for other in ("uniform", "prefix"):
+                margin = down.mean - stats[b][other].mean
+                note = " (within the seed spread)" if _within_spread(down, stats[b][other]) else ""
+                said.append(f"{fmt.points(margin)} vs {other} at {b:g}x{note}")
+                if margin <= 0:
+                    behind.append(f"{other} at {b:g}x ({fmt.points(margin)})")
+        verdict = ("holds: " if not behind else "fails: ") + "; ".join(said)
+        if behind:
+            failing.append(f"{_combo(task, arch)} (not ahead of {', '.join(behind)})")
+        else:
+            holding.append(_combo(task, arch))
+        rows.append([_combo(task, arch), *cells, verdict])
+    text, holds = _overall(holding, failing, unmeasured)
+    table = fmt.table(["task / arch", *(f"{b:g}x: uniform / prefix / downstream" for b in ALLOCATION_BUDGETS),
+                       "verdict"], rows)
+    return Finding("Spreading an effective budget over the groups",
+                   "With the budget counted in effective parameters (zero blocks excluded, the paper's count), PLeaS "
+                   "with the \"downstream\" allocation is more accurate than with one merge fraction for every group "
+                   "(uniform) and than with ZipIt!'s prefix schedule, at " + " and ".join(
+                       f"{b:g}x" for b in ALLOCATION_BUDGETS) + ".", text, table, holds)
+
+
 def all_findings(s: Summary) -> list[Finding]:
-    return [pleas_above_baselines(s), gap_closed(s), free_near_pleas(s), merge_speed(s)]
+    return [pleas_above_baselines(s), gap_closed(s), free_near_pleas(s), merge_speed(s),
+            allocation_beats_schedules(s)]

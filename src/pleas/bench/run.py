@@ -18,7 +18,7 @@ from ..api import merge
 from ..errors import MergeInputError, PleasError
 from ..experiments import train
 from ..methods import METHODS
-from .findings import SPEED_ARCH
+from .findings import ALLOCATION_BUDGETS, EFFECTIVE_ALLOCATIONS, SPEED_ARCH
 from . import tasks as task_defs
 from .measure import PeakMemory, forward_floor
 
@@ -39,13 +39,15 @@ BATCH_SIZE = 256
 @dataclass(frozen=True)
 class MethodSetup:
     """A benchmarked method: ``method`` is the registered name, ``options`` extra :func:`pleas.merge`
-    arguments, ``calibration`` "task" (the task's own data) or "free" (the task's free data)."""
+    arguments, ``calibration`` "task" (the task's own data) or "free" (the task's free data), ``budgets``
+    the only budgets it runs at (None: every budget of the run)."""
 
     label: str
     method: str
     text: str
     options: dict = field(default_factory=dict, hash=False)
     calibration: str = "task"
+    budgets: tuple[float, ...] | None = None
 
     @property
     def uses_budget(self) -> bool:
@@ -70,6 +72,10 @@ BENCH_METHODS: dict[str, MethodSetup] = {
         MethodSetup("pleas", "pleas", "PLeaS: activation matching, partial merge, least-squares refit"),
         MethodSetup("pleas-free", "pleas", "PLeaS calibrated on data from neither domain (the task's free data)",
                     calibration="free"),
+        *(MethodSetup(label, "pleas",
+                      f"PLeaS, budget in effective parameters (zero blocks not counted), allocation '{allocation}'",
+                      {"budget_metric": "effective_params", "allocation": allocation}, budgets=ALLOCATION_BUDGETS)
+          for allocation, label in EFFECTIVE_ALLOCATIONS.items()),
     )
 }
 
@@ -139,6 +145,8 @@ def plan_merges(methods: list[str], budgets: list[float]) -> tuple[list[tuple[st
             runs.append((label, None))
             continue
         for budget in budgets:
+            if setup.budgets is not None and not any(abs(budget - b) < 1e-9 for b in setup.budgets):
+                continue  # measured only at its own budgets
             if setup.max_budget is not None and budget > setup.max_budget * (1 + 1e-9):
                 skipped.append({"method": label, "budget": float(budget),
                                 "reason": f"makes models of size at most {setup.max_budget:g}x"})
