@@ -62,6 +62,8 @@ def test_effective_size_matches_the_built_models_zero_blocks(resnet_pair):
         base = sizes.measure("params", {g.name: g.width for g in spec})
         assert result.report["size"]["relative_effective"] == pytest.approx(
             sizes.measure("effective_params", widths) / base, rel=1e-12)
+        assert result.report["size"]["relative_effective_flops"] == pytest.approx(
+            flops / sizes.measure("flops", spec.widths), rel=1e-12)
     # both models side by side cost exactly two models, effectively (the shared head's bias: once)
     apart = {g.name: 2 * g.width for g in spec}
     for metric in ("effective_params", "effective_flops"):

@@ -93,7 +93,9 @@ def merge(
     widths = {g.name: maps[g.name].width for g in job.spec}
     counts = {g.name: 2 * g.width - widths[g.name] for g in job.spec}
     base = job.base_size("params")
-    zeros = zero_block_count(job.merged_spec, job.state_dicts[0], job.full_maps(maps), len(job.models))
+    zero_blocks = zero_block_count(job.merged_spec, job.state_dicts[0], job.full_maps(maps), len(job.models))
+    zeros = sum(zero_blocks.values())
+    zero_flops = sum(z * job.merged_spec.positions.get(k, 0) for k, z in zero_blocks.items())
     report = {
         "method": method,
         "options": {k: _describe(v) for k, v in options.items()},
@@ -109,7 +111,7 @@ def merge(
             "effective_params": model_param_count(model) - zeros,
             "relative_effective": (job.size(widths, "params") - zeros) / base,
             "relative_flops": job.size(widths, "flops") / max(job.base_size("flops"), 1),
-            "relative_effective_flops": job.size(widths, "effective_flops") / max(job.base_size("effective_flops"), 1),
+            "relative_effective_flops": (job.size(widths, "flops") - zero_flops) / max(job.base_size("flops"), 1),
         },
         "groups": [
             {"name": g.name, "width": g.width, "merged_width": widths[g.name], "merge_count": counts[g.name]}

@@ -156,6 +156,11 @@ class MergeJob:
         ``budget`` measures the shared body)."""
         return self.size({g.name: g.width for g in self.spec}, metric)
 
+    @property
+    def effective_budget(self) -> bool:
+        """Whether the budget leaves the zero blocks out (``effective_params`` / ``effective_flops``)."""
+        return self.budget_metric.startswith("effective_")
+
     def target(self) -> float:
         return self.budget * self.base_size()
 
@@ -165,13 +170,13 @@ class MergeJob:
 
     def check_budget(self) -> None:
         top = self.max_budget()
-        if self.budget_metric.startswith("effective_"):  # n models side by side: n x, but for shared tensors
+        if self.effective_budget:  # n models side by side: n x, but for shared tensors
             top = max(top, float(len(self.models)))
         if self.budget > top * (1 + 1e-9):
             raise MergeInputError(
                 f"budget={self.budget:g} is out of range; reachable for this model: [1, {top:.4f}] "
                 f"({self.budget_metric} of the two models side by side"
-                f"{'' if self.budget_metric.startswith('effective_') else ', dense'})"
+                f"{'' if self.effective_budget else ', dense'})"
             )
 
     def build(self, maps: dict[str, GroupMap]) -> nn.Module:

@@ -26,13 +26,14 @@ def model_param_count(model: torch.nn.Module) -> int:
 
 def zero_block_count(
     spec: PermutationSpec, state_dict: dict[str, torch.Tensor], maps: dict[str, GroupMap], n_models: int
-) -> int:
-    """Entries of the merged model that are zero by construction: in a weight whose output and input
-    axes are both grouped, entry (i, j) where no model owns both output unit i and input unit j (an
-    A-only row reading a B-only column), times the other axes (kernel, repeat). ALGORITHM.md:
-    effective cost = m_o x m_i - 2 (d_o - k_o)(d_i - k_i) per layer for two models."""
+) -> dict[str, int]:
+    """Entries of the merged model that are zero by construction, per tensor: in a weight whose output
+    and input axes are both grouped, entry (i, j) where no model owns both output unit i and input unit
+    j (an A-only row reading a B-only column), times the other axes (kernel, repeat). ALGORITHM.md:
+    effective cost = m_o x m_i - 2 (d_o - k_o)(d_i - k_i) per layer for two models. Read off the maps,
+    so exact for any layout (ZipIt!'s too), unlike :class:`SizeModel`'s effective metrics."""
     widths = {name: gm.width for name, gm in maps.items()}
-    total = 0
+    zeros = {}
     for key, t in state_dict.items():
         members = [(g, m) for g, m in spec.members_of(key) if g.name in maps]
         outs = [(g, m) for g, m in members if m.axis == 0]
@@ -43,8 +44,8 @@ def zero_block_count(
         own_out = unit_owners(outs, shape[0], maps, n_models, side="out").double()
         own_in = unit_owners(ins, shape[1], maps, n_models, side="in").double()
         shared = (own_out.T @ own_in) > 0  # (m_out, m_in): some model owns both
-        total += int((~shared).sum()) * math.prod(shape[2:])
-    return total
+        zeros[key] = int((~shared).sum()) * math.prod(shape[2:])
+    return zeros
 
 
 METRICS = ("params", "flops", "effective_params", "effective_flops")

@@ -50,7 +50,7 @@ class PLeaS(Rebasin):
         self.fold_bn = bool(fold_bn)
 
     def plan(self, job):
-        if not self.options["mask"] and job.budget_metric.startswith("effective_") and job.budget != 1.0:
+        if not self.options["mask"] and job.effective_budget and job.budget != 1.0:
             raise MergeInputError(
                 f"mask=False with budget_metric={job.budget_metric!r}: the refit would fill the zero blocks that an "
                 "effective size leaves out; use mask=True or budget_metric 'params' or 'flops'"

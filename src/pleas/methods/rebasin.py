@@ -39,7 +39,7 @@ class Rebasin(MergeMethod):
         """The allocation used: the one asked for, else the default for the budget's metric."""
         if self.allocation is not None:
             return self.allocation
-        return "downstream" if job.budget_metric.startswith("effective_") else "uniform"
+        return "downstream" if job.effective_budget else "uniform"
 
     def plan(self, job):
         if self.merge_counts is None and job.budget != 1.0:

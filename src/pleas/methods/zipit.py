@@ -21,7 +21,7 @@ class ZipIt(MergeMethod):
         self.alpha, self.beta = float(alpha), float(beta)
 
     def plan(self, job):
-        if job.budget_metric.startswith("effective_") and job.budget != 1.0:
+        if job.effective_budget and job.budget != 1.0:
             raise MergeInputError(
                 f"zipit with budget_metric={job.budget_metric!r}: effective sizes assume PLeaS's layout (merged pairs, "
                 "then each model's own units), which zipping within a model breaks; allowed: 'params', 'flops'"
