@@ -12,7 +12,7 @@ def test_gram_equals_the_plain_product(cols):
     g = gram(x)
     assert g.dtype == torch.float64
     torch.testing.assert_close(g, x.T @ x, rtol=1e-12, atol=1e-9)
-    assert torch.equal(g, g.T)  # mirrored, exactly symmetric
+    assert torch.equal(g, g.T)  # exactly symmetric by construction (gram mirrors the upper triangle), on any CPU
 
 
 def test_gram_of_float32_rows_is_float64():

@@ -13,16 +13,29 @@ GRAM_BLOCK = 256
 def gram(x: torch.Tensor) -> torch.Tensor:
     """x^T x as float64, computed in x's dtype block by block: only the blocks on and above the
     diagonal are multiplied (the rest mirrored), about 30% less work than one product for a few
-    thousand columns, and the same sums of products."""
+    thousand columns, and the same sums of products.
+
+    The result is exactly symmetric by construction: every entry below the diagonal is a copy of its
+    mirror above it. (A BLAS product x^T x is not bitwise symmetric on every CPU: with AVX-512 kernels
+    the two triangles can differ by about 1e-14.)"""
     k = x.shape[1]
     edges = _edges(k)
     if len(edges) == 2:
-        return (x.T @ x).double()
+        return _mirror_upper((x.T @ x).double())
     g = torch.empty(k, k, dtype=torch.float64, device=x.device)
     for lo, hi in zip(edges[:-1], edges[1:]):
         rows = (x[:, lo:hi].T @ x[:, lo:]).double()  # (hi - lo, k - lo): the block row right of the diagonal
         g[lo:hi, lo:] = rows
         g[hi:, lo:hi] = rows[:, hi - lo:].T
+    for lo, hi in zip(edges[:-1], edges[1:]):  # the diagonal blocks' own lower triangles
+        _mirror_upper(g[lo:hi, lo:hi])
+    return g
+
+
+def _mirror_upper(g: torch.Tensor) -> torch.Tensor:
+    """Overwrite the strict lower triangle of the square ``g`` with its upper triangle, in place."""
+    rows, cols = torch.tril_indices(g.shape[0], g.shape[1], offset=-1, device=g.device)
+    g[rows, cols] = g[cols, rows]
     return g
 
 
