@@ -83,8 +83,9 @@ def test_selection_and_configs():
     assert quick.selection == [("mnist-halves", "mlp")] and quick.seed_pairs == 1 and quick.budgets == [1.0, 1.5]
     full = run.make_config()
     assert full.seed_pairs == 3 and full.budgets == [1.0, 1.2, 1.5, 1.8, 2.0] and full.selection == pairs
-    # 28 merges per pair at every budget, and three effective-budget allocations at 1.2x and 1.5x only
-    assert run.count_merges(full) == (28 + 3 * 2) * 3 * len(pairs)
+    # 28 merges per pair at every budget, PLeaS without permutations at 1x, and three effective-budget
+    # allocations at 1.2x and 1.5x only
+    assert run.count_merges(full) == (28 + 1 + 3 * 2) * 3 * len(pairs)
     assert tasks.pair_seeds(2) == (4, 5)
 
 
@@ -108,7 +109,7 @@ def test_free_data_shapes_determinism_and_sources(tmp_path, monkeypatch):
     assert abs(float(patches.mean())) < 1e-4 and float(patches.std()) == pytest.approx(1.0, abs=1e-4)
 
     signals = free_data.phase_shuffled_mnist1d(20, None, 0).double()
-    from pleas.experiments import data
+    from pleas import datasets as data
 
     pool = data.load("mnist1d", split="train", seed=free_data.MNIST1D_FREE_SEED).x.double()
     own = data.load("mnist1d", split="train").x

@@ -15,7 +15,7 @@ def test_spec_command_prints_and_writes_json(tmp_path, capsys):
     assert code == 0
     text = capsys.readouterr().out
     assert text.startswith("PermutationSpec:") and "width=16" in text
-    assert json.loads(out.read_text())["format"] == "pleas.spec/1"
+    assert json.loads(out.read_text())["format"] == "pleas.spec/2"
 
 
 def test_spec_command_on_torchvision_model(capsys):

@@ -6,7 +6,7 @@ import pytest
 from pleas.cli import main
 from pleas.demo import DemoRow, plan_runs, render_table, run_demo
 from pleas.errors import MergeInputError
-from pleas.methods import METHODS, MergeMethod
+from pleas.methods import METHODS, Method
 
 
 def test_render_table():
@@ -36,10 +36,10 @@ def test_plan_runs_respects_each_methods_sizes():
         plan_runs(["rebasin"], [0.5])
 
 
-class _Broken(MergeMethod):
+class _Broken(Method):
     name = "broken"
 
-    def plan(self, job):
+    def run(self, setup):
         raise MergeInputError("broken cannot merge this")
 
 

@@ -7,7 +7,8 @@ import torch
 import torch.fx
 from torch import nn
 
-from pleas.experiments import architectures, cache, data, train
+from pleas import cache, datasets as data, models as architectures
+from pleas.experiments import train
 from pleas.experiments import (
     Dataset,
     cached_model,

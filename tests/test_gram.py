@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from pleas.gram import gram, quadratic_trace
+from pleas.statistics.gram import gram, quadratic_trace
 
 
 @pytest.mark.parametrize("cols", [3, 255, 256, 257, 700, 2305])

@@ -62,7 +62,7 @@ def test_save_then_load_merged_gives_the_same_outputs(tmp_path, models, calib, m
 
     loaded = load_merged(VGGBN(), path)
     assert not loaded.training
-    assert isinstance(loaded, pleas.heads.SeparateHeads) == (heads == "separate")
+    assert isinstance(loaded, pleas.SeparateHeads) == (heads == "separate")
     saved, merged = loaded.state_dict(), result.model.state_dict()
     assert saved.keys() == merged.keys()
     assert all(torch.equal(saved[k], v) for k, v in merged.items())  # bit for bit

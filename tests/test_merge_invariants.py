@@ -9,8 +9,8 @@ from torch import nn
 import pleas
 from conftest import assert_close
 from pleas.calibration import Calibration
-from pleas.job import MergeJob
-from pleas.stats import collect_moments
+from pleas.setup import prepare
+from pleas.statistics import collect_moments
 from toy_models import MLP, VGGBN, randomise_norm_stats
 
 
@@ -240,8 +240,8 @@ def test_zipit_partial_zipping_meets_the_budget(budget):
              for g in result.report["groups"]]
     assert stage == sorted(stage) and stage.count(1) <= 1
     # tight: one more unit in the last zipped group would exceed the budget
-    job = MergeJob.create(a, b, x, budget=budget, heads="shared", matching="activation", seed=0, device="cpu",
-                          dtype=torch.float32, batch_size=256, reset_norms=True, progress=False)
+    job = prepare([a, b], x, budget=budget, heads="shared", matching="activation", seed=0, device="cpu",
+                  dtype=torch.float32, batch_size=256, reset_norms=True, progress=False)
     widths = {g["name"]: g["merged_width"] for g in result.report["groups"]}
     boundary = next((g for g in reversed(result.report["groups"]) if g["merged_width"] < 2 * g["width"]), None)
     if boundary is not None and budget < job.max_budget():

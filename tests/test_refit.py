@@ -7,7 +7,7 @@ from torch import nn
 import pleas
 from conftest import assert_close
 from pleas.calibration import Calibration
-from pleas.plans import partial_merge_map
+from pleas.rewrite import partial_merge_map
 from pleas.refit import RefitOptions, refit
 from toy_models import MLP, VGGBN, randomise_norm_stats
 
@@ -145,7 +145,7 @@ def test_targets_sampled_in_another_pass_give_the_same_refit():
     """The propagated refit's targets can ride along on the matching's pass over the sources; the
     result is bit-identical to sampling them in a pass of its own."""
     from pleas.refit import TargetSampler
-    from pleas.stats import collect_moments
+    from pleas.statistics import collect_moments
 
     a, b = _pair(VGGBN)
     x = torch.randn(96, 3, 16, 16)
@@ -154,7 +154,7 @@ def test_targets_sampled_in_another_pass_give_the_same_refit():
     options = RefitOptions(inputs="propagated", progress=False)
     own = pleas.build_model(a, merged.state_dict()).eval()
     refit([a, b], own, spec, maps, data, options)
-    sampler = TargetSampler.for_budget(a, spec, 1.0, options, len(data))
+    sampler = TargetSampler.for_budget(pleas.analyze(pleas.capture(a, x[:2], copy_model=True)), 1.0, options, len(data))
     collect_moments([a, b], spec, data, progress=False, observers=[sampler])
     refit([a, b], merged, spec, maps, data, options, samples=sampler)
     assert all(torch.equal(v, own.state_dict()[k]) for k, v in merged.state_dict().items())

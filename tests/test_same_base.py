@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import pleas
-from pleas.task_vectors import ties
+from pleas.methods.task_vectors import ties
 from toy_models import MLP
 
 

@@ -35,20 +35,21 @@ def test_resnet18_residual_streams_are_single_groups():
 def test_flatten_and_cat_members_cover_slices():
     spec = pleas.build_spec(VGGBN(width=8), torch.randn(2, 3, 16, 16))
     m = next(m for m in spec["features.7"].members if m.param == "classifier.1.weight")
-    assert (m.axis, m.role, m.offset, m.repeat) == (1, "in", 0, 16)
+    assert (m.axis, m.role, m.regular) == (1, "in", {"offset": 0, "copies": 16, "major": "unit"})
+    assert m.index.shape == (16, 16) and m.index[1, 0] == 16  # channel c owns entries 16c ... 16c + 15
     spec = pleas.build_spec(CatSkip(w=6), torch.randn(2, 3, 8, 8))
-    offsets = {g.name: [m.offset for m in g.members if m.param == "bn_cat.weight"] for g in spec}
+    offsets = {g.name: [m.regular["offset"] for m in g.members if m.param == "bn_cat.weight"] for g in spec}
     assert offsets["a"] == [3] and offsets["b"] == [9]  # the 3 input channels stay fixed
 
 
-def test_groupnorm_constrains_blocks():
+def test_groupnorm_keeps_units_inside_their_blocks():
+    """GroupNorm(2, 8) normalises channels 0-3 and 4-7 together: each block is a group of its own, and
+    the two keep their proportions (one tie)."""
     spec = pleas.build_spec(Mixed(w=8), torch.randn(2, 3, 8, 8))
-    stem = spec["stem"]
-    assert stem.block == 4
-    perm = stem.random_permutation(torch.Generator().manual_seed(0))
-    assert sorted(perm.tolist()) == list(range(8))
-    blocks = perm.view(2, 4) // 4
-    assert all(len(set(row.tolist())) == 1 for row in blocks)
+    blocks = [spec["stem"], spec["stem#2"]]
+    assert [g.width for g in blocks] == [4, 4] and blocks[0].tie == blocks[1].tie == "stem"
+    gn = [next(m for m in g.members if m.param == "gn.weight") for g in blocks]
+    assert gn[0].index.flatten().tolist() == [0, 1, 2, 3] and gn[1].index.flatten().tolist() == [4, 5, 6, 7]
 
 
 def test_print_lists_one_line_per_group():
@@ -63,7 +64,7 @@ def test_json_round_trip(tmp_path):
     path = tmp_path / "spec.json"
     spec.to_json(path)
     data = json.loads(path.read_text())
-    assert data["format"] == "pleas.spec/1" and len(data["groups"]) == len(spec)
+    assert data["format"] == "pleas.spec/2" and len(data["groups"]) == len(spec)
     back = pleas.PermutationSpec.from_json(path)
     assert back.to_dict() == spec.to_dict()
     assert pleas.PermutationSpec.from_json(spec.to_json()).to_dict() == spec.to_dict()

@@ -55,10 +55,18 @@ def test_unhandled_torch_module_is_named():
         pleas.build_spec(model, torch.randn(2, 3, 8, 8))
 
 
-def test_grouped_conv_is_rejected_with_the_allowed_forms():
-    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, groups=2))
-    with pytest.raises(pleas.UnsupportedOpError, match=r"groups=2.*depthwise"):
-        pleas.build_spec(model, torch.randn(2, 3, 8, 8))
+def test_grouped_conv_units_move_only_inside_their_convolution_group():
+    """A grouped convolution is supported: each convolution group's units are a group of their own, tied
+    to the others (they keep their proportions), and permuting them keeps the function."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=2),
+                          nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    spec = pleas.build_spec(model, x)
+    assert sorted(g.width for g in spec) == [4, 4, 4, 4]
+    assert len(spec.ties()) == 2 and all(len(v) == 2 for v in spec.ties().values())
+    permuted = pleas.build_model(model, pleas.permute_state_dict(model.state_dict(), spec, spec.random_permutations(1)))
+    with torch.no_grad():
+        assert_close(model(x), permuted(x))
 
 
 def test_untraceable_model_gives_a_clear_error():
@@ -77,13 +85,13 @@ def test_untraceable_model_gives_a_clear_error():
 @pytest.fixture
 def scale_handler():
     def trace(ctx):
-        x = ctx.features(ctx.arg(0))
+        x = ctx.units(ctx.arg(0))
         ctx.attach(ctx.param("scale"), 0, "out", x)
         return x
 
     pleas.register_module_handler(ChannelScale, trace)
     yield
-    from pleas.graph.registry import MODULE_HANDLERS
+    from pleas.ops.registry import MODULE_HANDLERS
 
     MODULE_HANDLERS.pop(ChannelScale)
 

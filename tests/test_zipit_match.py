@@ -6,7 +6,7 @@ import torch
 
 from pleas import GroupMap
 from pleas.errors import MergeInputError
-from pleas.zipit_match import zip_units
+from pleas.matching import zip_units
 
 
 def clusters(gm: GroupMap) -> list[tuple[int, ...]]:

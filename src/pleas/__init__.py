@@ -1,41 +1,38 @@
-"""pleas: merge two neural networks trained from different initialisations into one model of any size
+"""pleas: merge neural networks trained from different initialisations into one model of any size
 between 1x and 2x, with Permutations and Least Squares (PLeaS, CVPR 2025) and the methods it is
-measured against."""
-from .api import MergeResult, merge
-from .errors import MergeInputError, PleasError, SpecError, UnsupportedOpError
-from .graph import (
-    build_spec,
-    register_function_handler,
-    register_method_handler,
-    register_module_handler,
-)
-from .factory import create_model
-from .rebuild import build_model
-from .spec import Group, Member, PermutationSpec, Site
-from .transform import GroupMap, duplication_map, permutation_map, permute_state_dict, transform_state_dicts
+measured against.
 
-__version__ = "0.1.0"
+A merge runs in stages, each a package: :mod:`pleas.capture` (the model captured once), :mod:`pleas.groups`
+(permutation groups, read off the capture by the op handlers of :mod:`pleas.ops`), :mod:`pleas.statistics`,
+:mod:`pleas.matching`, :mod:`pleas.budget`, :mod:`pleas.rewrite` (maps, state-dict rewrite, rebuilt model),
+:mod:`pleas.refit` and :mod:`pleas.norms`; :mod:`pleas.methods` composes them (docs/architecture.md).
+"""
+from .api import merge
+from .calibration import PerModel, per_model
+from .capture import Program, capture
+from .errors import MergeInputError, PleasError, SpecError, UnsupportedOpError
+from .factory import create_model
+from .groups import Group, Member, ModelGraph, PermutationSpec, Site, analyze
+from .rewrite import (GroupMap, build_model, duplication_map, permutation_map, permute_state_dict,
+                    transform_state_dicts)
+from .rewrite.heads import SeparateHeads
+from .ops import register_function_handler, register_method_handler, register_module_handler, register_resizer
+from .result import MergeResult
+from .version import __version__
+
+
+def build_spec(model, example_input, *, frontend: str = "auto") -> PermutationSpec:
+    """The permutation groups of ``model`` (not modified): captured once on ``example_input`` (a tensor,
+    a tuple, or a dict of keyword inputs) with torch.fx or, where it cannot trace, torch.export."""
+    return analyze(capture(model, example_input, frontend=frontend, copy_model=True)).spec.require_groups()
+
 
 __all__ = [
-    "Group",
-    "GroupMap",
-    "MergeResult",
-    "Member",
-    "MergeInputError",
-    "PermutationSpec",
+    "Group", "GroupMap", "Member", "MergeInputError", "MergeResult", "ModelGraph", "PerModel", "PermutationSpec",
     "PleasError",
-    "Site",
-    "SpecError",
-    "UnsupportedOpError",
-    "build_model",
-    "build_spec",
-    "create_model",
-    "duplication_map",
-    "merge",
-    "permutation_map",
+    "Program", "SeparateHeads", "Site", "SpecError", "UnsupportedOpError", "__version__", "analyze", "build_model",
+    "build_spec", "capture", "create_model", "duplication_map", "merge", "per_model", "permutation_map",
     "permute_state_dict",
-    "register_function_handler",
-    "register_method_handler",
-    "register_module_handler",
+    "register_function_handler", "register_method_handler", "register_module_handler", "register_resizer",
     "transform_state_dicts",
 ]

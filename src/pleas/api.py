@@ -1,35 +1,27 @@
 """The stable entry point: :func:`merge`."""
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass, field
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
 from .errors import MergeInputError
-from .job import MergeJob
 from .methods import get_method
-from .size import model_param_count, zero_block_count
-from .spec import PermutationSpec
+from .methods.stages import zero_blocks
+from .result import MergeResult, describe, size_report
+from .setup import prepare
 
 
-@dataclass
-class MergeResult:
-    """What :func:`merge` returns.
-
-    ``model`` is the merged ``nn.Module`` in eval mode (with ``heads="separate"`` its forward returns
-    ``(out_a, out_b)``); ``merge_counts[g]`` is k_g, the number of merged unit pairs of group g;
-    ``widths[g]`` the merged width; ``report`` a JSON-ready summary (sizes, timings, options).
-    """
-
-    model: nn.Module
-    spec: PermutationSpec
-    merge_counts: dict[str, int]
-    widths: dict[str, int]
-    report: dict[str, Any] = field(default_factory=dict)
+def _check_budget_value(budget: Any) -> float:
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise MergeInputError(f"budget={budget!r} is a {type(budget).__name__}; allowed: a number >= 1 "
+                              "(1x = one source model), e.g. budget=1.5")
+    if not budget >= 1.0:
+        raise MergeInputError(f"budget={budget!r} is out of range; allowed: a number >= 1 (1x = one source model)")
+    return float(budget)
 
 
 def merge(
@@ -43,7 +35,7 @@ def merge(
     matching: str = "activation",
     seed: int = 0,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     batch_size: int = 256,
     budget_metric: str = "params",
     reset_norms: bool = True,
@@ -54,86 +46,69 @@ def merge(
 
     Args:
         model_a, model_b: the source models (never modified).
-        data: calibration inputs: a tensor (N, ...), a DataLoader, or an iterable of tensors or
-            (inputs, labels) pairs.
-        method: a registered method name (see ``pleas.methods.METHODS``).
-        budget_metric: ``"params"`` (dense), ``"flops"`` (multiply-adds of Linear/Conv layers per
-            sample), or ``"effective_params"`` / ``"effective_flops"``: the same without the zero blocks
-            (the paper's count; from 1 to 2). Effective budgets default to ``allocation="downstream"``.
+        data: calibration inputs: a tensor (N, ...), a dict of model inputs (token ids ``(N, T)`` and
+            masks, as a tokenizer returns them), a DataLoader, or an iterable of tensors, dicts or
+            (inputs, labels) pairs. Integer inputs (token ids) are never cast to float.
+        method: a registered method name (``pleas methods`` lists them with their options).
         budget: merged size relative to one source model, in ``budget_metric``; by default the
             floating-point entries of the returned (dense) model's state dict, from 1 up to the dense
             size of the two models side by side, which exceeds 2 because dense layers hold the zero
             cross blocks (the report gives every count). With separate heads the second head is not
             counted. Ignored by ``ensemble``, whose size is fixed.
+        budget_metric: ``"params"`` (dense), ``"flops"`` (multiply-adds of the linear maps per sample), or
+            ``"effective_params"`` / ``"effective_flops"``: the same without the zero blocks (the paper's
+            count; from 1 to 2). Effective budgets default to ``allocation="downstream"``.
         heads: ``"shared"`` (one label space; outputs are merged) or ``"separate"`` (each source keeps
             its head; the merged forward returns a tuple).
-        matching: ``"activation"`` (correlation of activations) or ``"weight"`` (Git Re-Basin).
+        matching: ``"activation"`` (correlation of activations), ``"weight"`` (Git Re-Basin) or
+            ``"identity"`` (unit i with unit i: no alignment).
         seed: makes every random choice reproducible.
-        options: method options (e.g. ``alpha`` for ``zipit``).
+        device, dtype: where and in which floating dtype the merge runs; ``dtype=None`` keeps the models'
+            own (float32 if they mix dtypes). The merged model has that dtype.
+        options: method options (e.g. ``alpha`` for ``zipit``); unknown names are an error listing the
+            method's options.
+
+    Warnings from the merge (symmetries given up, statistics from few samples) are issued with Python's
+    ``warnings`` and listed in ``report["warnings"]``.
     """
     start = time.perf_counter()
     algo = get_method(method, **options)
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 1.0:
-        raise MergeInputError(f"budget={budget!r} is out of range; allowed: a number >= 1 (1x = one source model)")
+    budget = _check_budget_value(budget)
     if algo.max_budget is not None and budget > algo.max_budget:
         raise MergeInputError(f"method {method!r} makes models of size at most {algo.max_budget:g}x; got budget={budget}")
-    job = MergeJob.create(
-        model_a, model_b, data, budget=budget, heads=heads, matching=matching, seed=seed, device=device,
-        dtype=dtype, batch_size=batch_size, reset_norms=reset_norms, progress=progress, budget_metric=budget_metric,
-    )
-    if algo.uses_budget:
-        job.check_budget()
-    t_setup = time.perf_counter()
-    maps = algo.plan(job)
-    t_plan = time.perf_counter()
-    model = job.build(maps)
-    t_build = time.perf_counter()
-    model = algo.finish(job, model, maps).eval()
-    t_finish = time.perf_counter()
-    widths = {g.name: maps[g.name].width for g in job.spec}
-    counts = {g.name: 2 * g.width - widths[g.name] for g in job.spec}
-    base = job.base_size("params")
-    zero_blocks = zero_block_count(job.merged_spec, job.state_dicts[0], job.full_maps(maps), len(job.models))
-    zeros = sum(zero_blocks.values())
-    zero_flops = sum(z * job.merged_spec.positions.get(k, 0) for k, z in zero_blocks.items())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        setup = prepare([model_a, model_b], data, budget=budget, heads=heads, matching=matching, seed=seed,
+                        device=device, dtype=dtype, batch_size=batch_size, reset_norms=reset_norms, progress=progress,
+                        budget_metric=budget_metric)
+        if algo.uses_budget:
+            setup.check_budget()
+        t_setup = time.perf_counter()
+        outcome = algo.run(setup)
+    t_run = time.perf_counter()
+    found = [str(w.message) for w in caught]
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    built = outcome.built
+    widths = {g.name: built.maps[g.name].width for g in setup.spec}
+    counts = {g.name: setup.n * g.width - widths[g.name] for g in setup.spec}
     report = {
         "method": method,
-        "options": {k: _describe(v) for k, v in options.items()},
+        "options": {k: describe(v) for k, v in options.items()},
         "budget": budget,
         "budget_metric": budget_metric,
         "heads": heads,
         "matching": matching,
         "seed": seed,
-        "size": {
-            "source_params": model_param_count(model_a),
-            "merged_params": model_param_count(model),
-            "relative_dense": job.size(widths, "params") / base,
-            "effective_params": model_param_count(model) - zeros,
-            "relative_effective": (job.size(widths, "params") - zeros) / base,
-            "relative_flops": job.size(widths, "flops") / max(job.base_size("flops"), 1),
-            "relative_effective_flops": (job.size(widths, "flops") - zero_flops) / max(job.base_size("flops"), 1),
-        },
+        "dtype": str(setup.dtype).replace("torch.", ""),
+        "calibration_samples": setup.data.samples(),
+        "size": size_report(setup, built, outcome.model, model_a, zero_blocks(setup, built)),
         "groups": [
             {"name": g.name, "width": g.width, "merged_width": widths[g.name], "merge_count": counts[g.name]}
-            for g in job.spec
+            for g in setup.spec
         ],
-        **job.extra,
-        "seconds": {
-            "setup": t_setup - start,
-            "plan": t_plan - t_setup,
-            "build": t_build - t_plan,
-            "finish": t_finish - t_build,
-            "total": t_finish - start,
-        },
+        **outcome.report,
+        "warnings": found,
+        "seconds": {"setup": t_setup - start, "run": t_run - t_setup, "total": time.perf_counter() - start},
     }
-    return MergeResult(model, job.spec, counts, widths, report)
-
-
-def _describe(value: Any) -> Any:
-    """An option as the report holds it: itself when JSON can hold it, else a short description (a base
-    model or a state dict passed as an option is not copied into the report)."""
-    try:
-        json.dumps(value)
-        return value
-    except (TypeError, ValueError):
-        return f"<{type(value).__name__}>"
+    return MergeResult(outcome.model, setup.spec, counts, widths, report)

@@ -6,7 +6,7 @@ import json
 import sys
 
 from . import __version__
-from .size import METRICS
+from .budget import METRICS
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -30,7 +30,7 @@ def cmd_spec(args: argparse.Namespace) -> int:
     import torch
 
     from .factory import create_model
-    from .graph import build_spec
+    from . import build_spec
 
     model = create_model(args.arch, **args.kwargs)
     spec = build_spec(model, torch.randn(*args.input_shape))

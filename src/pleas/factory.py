@@ -13,7 +13,7 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     """Build the architecture ``name`` with random weights.
 
     ``name`` is ``"module.path:factory"`` (any importable callable), ``"torchvision:resnet18"``,
-    ``"timm:resnet18"``, ``"pleas:resnet20"`` (the small models of :mod:`pleas.experiments`), or a bare
+    ``"timm:resnet18"``, ``"pleas:resnet20"`` (the small models of :mod:`pleas.models`), or a bare
     name looked up in that order: pleas, torchvision, timm. ``kwargs`` go to the factory.
     """
     if ":" in name:
@@ -41,10 +41,8 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
 
 
 def _pleas(name: str, kwargs: dict) -> nn.Module:
-    try:
-        from .experiments import architectures
-    except ImportError as exc:
-        raise LookupError(name) from exc
+    from . import models as architectures
+
     factory = getattr(architectures, name, None)
     if name.startswith("_") or not callable(factory) or name == "create":
         raise LookupError(name)

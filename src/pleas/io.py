@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import MergeInputError, PleasError
+from .files import write_atomically
 
 if TYPE_CHECKING:
     from .api import MergeResult
@@ -214,13 +214,13 @@ def _tensor_from_file(path: Path) -> Tensor:
 
 
 def _is_dataset_name(text: str) -> bool:
-    from .experiments import data
+    from . import datasets as data
 
     return text.partition(":")[0] in data.known_datasets()
 
 
 def _tensor_from_dataset(spec: str, *, split: str, seed: int) -> Tensor:
-    from .experiments import data
+    from . import datasets as data
 
     name, sep, res_text = spec.partition(":")
     resolution = None
@@ -257,7 +257,7 @@ def load_calibration(
     Args:
         spec: a packaged dataset name ``"mnist"``, ``"digits"`` or ``"mnist1d"``, optionally with a
             resolution ``"name:R"`` (images resized to R x R, e.g. ``"digits:16"``), loaded with
-            :func:`pleas.experiments.data.load` (``split`` of it; inputs only); or a path to a ``.npy``
+            :func:`pleas.datasets.load` (``split`` of it; inputs only); or a path to a ``.npy``
             file or a ``.pt`` file (a tensor, an ``(inputs, labels)`` pair, or a dict with an ``"x"``
             tensor; read with ``weights_only=True``).
         samples: if given, at most this many samples, chosen at random (seeded by ``seed``); all of
@@ -302,7 +302,7 @@ def _json(value: Any) -> Any:
 def merged_metadata(result: "MergeResult", info: dict[str, Any] | None = None) -> dict[str, Any]:
     """The description :func:`save_merged` stores next to the tensors (see :func:`load_merged`)."""
     from . import __version__
-    from .heads import SeparateHeads
+    from .rewrite.heads import SeparateHeads
 
     report = result.report or {}
     heads = report.get("heads", "separate" if isinstance(result.model, SeparateHeads) else "shared")
@@ -327,42 +327,6 @@ def merged_metadata(result: "MergeResult", info: dict[str, Any] | None = None) -
     if info:
         meta["info"] = info
     return _json(meta)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _write_files_atomically(contents: dict[Path, bytes]) -> None:
-    """Write every file to a temporary file in its own directory, then move them all into place.
-
-    On any failure before the moves, no target file is created or changed and the temporary files
-    are removed.
-    """
-    temps: dict[Path, str] = {}
-    try:
-        for target, payload in contents.items():
-            if not target.parent.is_dir():
-                raise MergeInputError(f"cannot write {str(target)!r}: directory {str(target.parent)!r} does not exist")
-            try:
-                fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-            except OSError as exc:
-                raise MergeInputError(f"cannot write {str(target)!r}: {exc.strerror or exc}") from exc
-            temps[target] = tmp
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(payload)
-                fh.flush()
-                os.fsync(fh.fileno())
-        for target, tmp in temps.items():
-            os.replace(tmp, target)
-    except BaseException:
-        for tmp in temps.values():
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        raise
 
 
 def save_merged(
@@ -398,7 +362,7 @@ def save_merged(
         if info:
             report["info"] = info
         contents[report_path] = (json.dumps(_json(report), indent=2, sort_keys=True) + "\n").encode("utf-8")
-    _write_files_atomically(contents)
+    write_atomically(contents)
 
 
 def read_merged_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -439,8 +403,8 @@ def load_merged(template_model: nn.Module, path: str | os.PathLike) -> nn.Module
             tensors do not fit the template's architecture.
     """
     from .errors import SpecError
-    from .heads import SeparateHeads
-    from .rebuild import build_model
+    from .rewrite.heads import SeparateHeads
+    from .rewrite.rebuild import build_model
 
     path = Path(path)
     accepted = "a .safetensors file written by pleas.io.save_merged (pleas merge --out)"

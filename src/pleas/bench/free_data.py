@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import MergeInputError
-from ..experiments import data
+from .. import datasets as data
 
 #: Patch sides (pixels of the 427x640 photographs) that photo patches are cropped at, before resizing.
 PATCH_SIDES = (24, 160)

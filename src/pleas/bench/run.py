@@ -68,7 +68,10 @@ BENCH_METHODS: dict[str, MethodSetup] = {
         MethodSetup("rebasin-activation", "rebasin", "Git Re-Basin, activation matching; partial merge above 1x",
                     {"matching": "activation"}),
         MethodSetup("zipit", "zipit", "ZipIt! (same-model merges allowed; partial zipping above 1x)"),
-        MethodSetup("regmean", "regmean", "the least-squares refit without permutations (RegMean)"),
+        MethodSetup("regmean", "regmean", "RegMean as published: each linear map merged from each model's own input "
+                    "Grams (alpha 0.9), no alignment"),
+        MethodSetup("pleas-identity", "pleas", "PLeaS's refit without permutations (matching='identity'): what the "
+                    "permutations add", {"matching": "identity"}, budgets=(1.0,)),
         MethodSetup("pleas", "pleas", "PLeaS: activation matching, partial merge, least-squares refit"),
         MethodSetup("pleas-free", "pleas", "PLeaS calibrated on data from neither domain (the task's free data)",
                     calibration="free"),

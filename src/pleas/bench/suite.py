@@ -20,7 +20,7 @@ import torch
 
 from .. import __version__
 from ..errors import MergeInputError
-from ..experiments.cache import atomic_write
+from ..files import atomic_write
 from . import plots, report
 from . import tasks as task_defs
 from .run import BENCH_METHODS, BenchConfig, count_merges, run_benchmark

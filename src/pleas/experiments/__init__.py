@@ -1,12 +1,12 @@
-"""Experiment infrastructure for demos and benchmarks: packaged datasets, small model factories,
-training loops and a trained-weights cache. Kept apart from the merging core.
+"""Experiment infrastructure for demos and benchmarks: training loops and the trained source models of
+the demo and the benchmarks, cached. Kept apart from the merging core, which it uses like any user
+(the small architectures are :mod:`pleas.models`, the packaged datasets :mod:`pleas.datasets`).
 
-Submodules: :mod:`.data`, :mod:`.architectures`, :mod:`.train`, :mod:`.cache`, :mod:`.sources`
-(the trained source models of the demo and the benchmarks).
+Submodules: :mod:`.train`, :mod:`.sources`.
 """
-from .architectures import ARCHITECTURES, cnn1d, create, mlp, resnet20, torchvision_resnet18, vgg
-from .cache import cache_dir, stable_hash
-from .data import Dataset, known_datasets, load
+from ..cache import cache_dir, stable_hash
+from ..datasets import Dataset, known_datasets, load
+from ..models import ARCHITECTURES, cnn1d, create, mlp, resnet20, torchvision_resnet18, vgg
 from .train import cached_model, evaluate, predict, train_classifier
 
 __all__ = [

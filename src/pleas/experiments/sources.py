@@ -15,8 +15,10 @@ from typing import Callable
 
 from torch import nn
 
-from . import architectures, data, train
-from .data import Dataset
+from .. import datasets as data
+from .. import models as architectures
+from ..datasets import Dataset
+from . import train
 
 #: The two domains of :func:`domain_models`: (model name, dataset), one label space (digits 0-9).
 DOMAINS = (("A", "mnist"), ("B", "digits"))
@@ -32,8 +34,8 @@ class SourceRecipe:
     """How one source model is trained (Adam, cosine schedule, the defaults of
     :func:`~pleas.experiments.train.train_classifier`).
 
-    arch: a name in :data:`~pleas.experiments.architectures.ARCHITECTURES`; kwargs: its arguments.
-    dataset: a name of :func:`~pleas.experiments.data.load`; classes: the labels kept (relabelled
+    arch: a name in :data:`~pleas.models.ARCHITECTURES`; kwargs: its arguments.
+    dataset: a name of :func:`~pleas.datasets.load`; classes: the labels kept (relabelled
     ``0 .. len-1``), or None for all; resolution: image side after resizing, None for none.
     seed: initialisation and training seed; epochs: passes over the training split.
     """

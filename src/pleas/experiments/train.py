@@ -17,8 +17,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .cache import atomic_write, cache_dir, canonical_json, stable_hash
-from .data import Dataset
+from ..cache import cache_dir, canonical_json, stable_hash
+from ..files import atomic_write
+from ..datasets import Dataset
 
 _OPTIMIZERS = ("adam", "sgd")
 _SCHEDULES = ("cosine", "constant")

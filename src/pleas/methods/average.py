@@ -1,16 +1,17 @@
 """``average``: plain weight averaging, unit i of A with unit i of B (no alignment)."""
-import torch
-
-from ..plans import partial_merge_map
-from .registry import MergeMethod, register_method
+from ..matching import Matching
+from . import stages
+from .registry import Method, Outcome, register_method
 
 
 @register_method
-class Average(MergeMethod):
+class Average(Method):
     name = "average"
+    summary = "plain weight averaging, no alignment"
     max_budget = 1.0
 
-    def plan(self, job):
-        return {
-            g.name: partial_merge_map(torch.arange(g.width), torch.ones(g.width), g.width) for g in job.spec
-        }
+    def run(self, setup):
+        counts = {g.name: g.width for g in setup.spec}
+        built = stages.build(setup, stages.partial_maps(setup.spec, Matching.identity(setup.spec), counts))
+        stages.reset_norms(setup, built)
+        return Outcome(stages.finished(setup, built), built)

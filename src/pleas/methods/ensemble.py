@@ -1,15 +1,14 @@
-"""``ensemble``: k = 0 in every group, the source models side by side in one network (the 2x upper bound)."""
-from ..plans import ensemble_map
-from .registry import MergeMethod, register_method
+"""``ensemble``: k = 0 in every group, the source models side by side in one network (the upper bound)."""
+from . import stages
+from .registry import Method, Outcome, register_method
 
 
 @register_method
-class Ensemble(MergeMethod):
+class Ensemble(Method):
     name = "ensemble"
+    summary = "every unit of every model kept: the models side by side in one network (exact)"
     uses_budget = False
 
-    def plan(self, job):
-        return {g.name: ensemble_map(g.width, len(job.models)) for g in job.spec}
-
-    def finish(self, job, model, maps):
-        return model  # already exact: a statistics reset could only perturb it
+    def run(self, setup):
+        built = stages.build(setup, stages.ensemble_maps(setup))
+        return Outcome(stages.finished(setup, built), built)  # exact already: a statistics reset could only perturb it

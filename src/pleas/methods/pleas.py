@@ -1,87 +1,83 @@
 """``pleas``: PLeaS. Match units, merge the most similar pairs of each group (the rest of A and B kept),
-then refit every layer by least squares toward the permuted ensemble (ALGORITHM.md sections 2-4).
+then refit every linear map by least squares toward the permuted ensemble (ALGORITHM.md sections 2-4).
 
-Calibration data from another dataset gives PLeaS-free: nothing changes but the data passed.
+Calibration data from another dataset gives PLeaS-free: nothing changes but the data passed. With
+``pleas.merge(matching="identity")`` unit i of A is merged with unit i of B: the least-squares refit
+without permutations, the ablation that shows what the permutations add.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 from ..errors import MergeInputError
-from ..norms import reset_batchnorm_stats
-from ..refit import RefitOptions, TargetSampler, refit
-from .rebasin import Rebasin
-from .registry import register_method
+from ..norms.fold import fold_batchnorm
+from ..refit import RefitOptions
+from . import stages
+from .common import ALIGN_OPTIONS
+from .options import Option
+from .rebasin import aligned_partial_merge
+from .registry import Method, Outcome, register_method
+
+
+def folded(setup):
+    """A setup whose sources have every BatchNorm fed by a linear map folded into it (private copies; the
+    captures are rebound, not made again)."""
+    models, programs = [], []
+    for model, program in zip(setup.models, setup.programs):
+        model = copy.deepcopy(model)
+        fold_batchnorm(setup.graph, model.state_dict(keep_vars=True))
+        models.append(model)
+        programs.append(program.bind(model))
+    graph = dataclasses.replace(setup.graph, program=programs[0])
+    return dataclasses.replace(setup, models=models, programs=programs, graph=graph)
 
 
 @register_method
-class PLeaS(Rebasin):
-    """Options:
-
-    - ``inputs``: ``"propagated"`` (default) fits layers in graph order, each on the activations the
-      already-refitted merged model produces (BatchNorm statistics recomputed before each layer);
-      ``"teacher"`` fits every layer independently on the permuted ensemble's inputs, in one pass
-      over the data. Measured on the demo task (benchmarks/refit_variants.py), propagated wins by
-      5-6 points at 1x; teacher forcing is several times cheaper on deep models.
-    - ``ridge``: strength of the pull toward the partial-merge initialisation, relative to the mean
-      diagonal of each layer's Gram matrix (1e-2 measured best of 1e-4 ... 1e-1).
-    - ``mask``: keep the zero blocks (A-only units never read B-only units).
-    - ``refit``: ``"exact"`` closed form, or ``"adam"`` steps from the initialisation on the same
-      objective (the reference implementation's refit; ``adam_steps``, ``adam_lr``).
-    - ``fold_bn``: fold BatchNorm into the preceding conv first; the refit then targets normalised
-      pre-activations and no statistics are reset (measured worse with teacher forcing).
-    - ``oversample``, ``min_rows``: each layer's statistics keep ``max(oversample * columns, min_rows)``
-      samples (positions of a conv's output, rows of a Linear's), spread over the batches.
-    - ``merge_counts``: k_g per group instead of the uniform fraction that meets ``budget``.
-    """
-
+class PLeaS(Method):
     name = "pleas"
+    summary = "PLeaS: matching, partial merge of the most similar pairs, least-squares refit"
+    options = ALIGN_OPTIONS + (
+        Option("inputs", str, "propagated", "fit layers on the merged model's own activations ('propagated', "
+               "measured 5-6 points better at 1x) or on the permuted ensemble's ('teacher', cheaper)",
+               choices=("propagated", "teacher")),
+        Option("ridge", float, 1e-2, "pull toward the partial-merge weights, relative to each layer's mean Gram "
+               "diagonal (1e-2 measured best of 1e-4 ... 1e-1)", low=0.0),
+        Option("mask", bool, True, "keep the zero blocks (A-only units never read B-only units)"),
+        Option("refit", str, "exact", "closed-form solve, or Adam steps from the initialisation (the reference "
+               "implementation's refit)", choices=("exact", "adam")),
+        Option("oversample", int, 4, "samples kept per weight column of each layer", low=1),
+        Option("min_rows", int, 4096, "least samples kept per layer", low=1),
+        Option("adam_steps", int, 300, "Adam steps with refit='adam'", low=1),
+        Option("adam_lr", float, 1e-3, "Adam learning rate with refit='adam'", low=0.0, low_open=True),
+        Option("fold_bn", bool, False, "fold BatchNorm into the map before it, so the refit fits normalised "
+               "pre-activations (no statistics reset then)"),
+    )
 
-    def __init__(self, *, ridge: float = 1e-2, mask: bool = True, refit: str = "exact", oversample: int = 4, min_rows: int = 4096,
-                 adam_steps: int = 300, adam_lr: float = 1e-3, fold_bn: bool = False, inputs: str = "propagated",
-                 merge_counts=None, allocation: str | None = None):
-        super().__init__(merge_counts=merge_counts, allocation=allocation)
-        if refit not in ("exact", "adam"):
-            raise MergeInputError(f"refit={refit!r}; allowed: 'exact', 'adam'")
-        if inputs not in ("teacher", "propagated"):
-            raise MergeInputError(f"inputs={inputs!r}; allowed: 'teacher', 'propagated'")
-        if ridge < 0:
-            raise MergeInputError(f"ridge={ridge} must be >= 0")
-        self.options = dict(ridge=float(ridge), mask=bool(mask), method=refit, oversample=int(oversample), min_rows=int(min_rows),
-                            adam_steps=int(adam_steps), adam_lr=float(adam_lr), inputs=inputs)
-        self.fold_bn = bool(fold_bn)
+    def refit_options(self, setup) -> RefitOptions:
+        o = self.opts
+        return RefitOptions(ridge=o["ridge"], mask=o["mask"], oversample=o["oversample"], min_rows=o["min_rows"],
+                            method=o["refit"], inputs=o["inputs"], adam_steps=o["adam_steps"], adam_lr=o["adam_lr"],
+                            seed=setup.seed, reset_norms=setup.reset_norms and not o["fold_bn"],
+                            progress=setup.progress)
 
-    def plan(self, job):
-        if not self.options["mask"] and job.effective_budget and job.budget != 1.0:
+    def run(self, setup):
+        if not self.opts["mask"] and setup.effective_budget and setup.budget != 1.0:
             raise MergeInputError(
-                f"mask=False with budget_metric={job.budget_metric!r}: the refit would fill the zero blocks that an "
+                f"mask=False with budget_metric={setup.budget_metric!r}: the refit would fill the zero blocks that an "
                 "effective size leaves out; use mask=True or budget_metric 'params' or 'flops'"
             )
-        if self.fold_bn:
-            from ..fold import fold_batchnorm
-
-            job.models = [fold_batchnorm(m)[0] for m in job.models]
-        self._samples = None
-        if self.options["inputs"] == "propagated":
-            # The refit's targets are sampled during the matching's pass over the sources, if it makes one.
-            sampler = TargetSampler.for_budget(job.models[0], job.merged_spec, job.budget, self.refit_options(job),
-                                               len(job.data))
-            job.observers.append(sampler)
-        maps = super().plan(job)
-        if self.options["inputs"] == "propagated":
-            job.observers.remove(sampler)
-            self._samples = sampler if sampler.batches else None  # None: no moments pass ran with it
-        return maps
-
-    def refit_options(self, job) -> RefitOptions:
-        reset = job.reset_norms and not self.fold_bn
-        return RefitOptions(seed=job.seed, progress=job.progress, reset_norms=reset, **self.options)
-
-    def finish(self, job, model, maps):
-        inner = getattr(model, "model", model)  # SeparateHeads wraps the merged network
-        options = self.refit_options(job)
-        report = refit(job.models, inner, job.merged_spec, job.full_maps(maps), job.data, options,
-                       samples=getattr(self, "_samples", None))
-        self._samples = None
-        job.extra["refit"] = report.layers
+        if self.opts["fold_bn"]:
+            setup = folded(setup)
+        options = self.refit_options(setup)
+        sampler = stages.target_sampler(setup, options) if options.inputs == "propagated" else None
+        maps, allocation = aligned_partial_merge(setup, self.opts["allocation"], self.opts["merge_counts"],
+                                                 observers=(sampler,) if sampler else ())
+        built = stages.build(setup, maps)
+        entries = stages.refit(setup, built, options, sampler)
         if options.reset_norms and options.inputs == "teacher":  # the propagated refit sets them as it goes
-            reset_batchnorm_stats(model, job.data, progress=job.progress)
-        return model
+            stages.reset_norms(setup, built)
+        report = {"refit": entries}
+        if allocation:
+            report["allocation"] = allocation
+        return Outcome(stages.finished(setup, built), built, report)

@@ -1,51 +1,57 @@
-"""Merging methods, registered by name."""
+"""Merging methods, one module each, registered by name; each a composition of stages with declared
+options (:mod:`pleas.methods.stages`, :mod:`pleas.methods.options`)."""
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from ..errors import MergeInputError
-from ..norms import reset_batchnorm_stats
-from ..transform import GroupMap
+from .options import Option, validate_options
 
 if TYPE_CHECKING:
-    from ..job import MergeJob
+    from ..setup import MergeSetup
+    from .stages import Built
 
-METHODS: dict[str, type["MergeMethod"]] = {}
+METHODS: dict[str, type["Method"]] = {}
 
 
-class MergeMethod(ABC):
-    """A merging method: ``plan`` chooses every group's map; ``finish`` post-processes the built model.
+@dataclass
+class Outcome:
+    """What a method returns: the merged model as the user gets it, the built network (``built``: maps
+    and target layout), and entries for the report (``report``: the allocation used, refit fit errors)."""
 
-    ``max_budget`` bounds the sizes the method can produce (relative to one model; None: no bound
-    of its own beyond the architecture's reachable range). ``uses_budget`` is False for methods of
-    a fixed size.
-    Variants are configured instances (options go to ``__init__``), not copies of the class.
+    model: nn.Module
+    built: "Built"
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+class Method:
+    """A merging method. ``options`` declares what it takes; a configured instance (``Method(**options)``)
+    holds the validated values in ``self.opts``. ``run(setup)`` composes the stages.
+
+    ``max_budget`` bounds the sizes the method can produce (relative to one model; None: no bound of its
+    own beyond the architecture's reachable range). ``uses_budget`` is False for methods of a fixed size.
+    ``needs_base`` is True for methods that merge models fine-tuned from one shared base (the ``base``
+    option).
     """
 
     name = ""
+    summary = ""
+    options: tuple[Option, ...] = ()
     max_budget: float | None = None
     uses_budget = True
-    needs_base = False  # True: merges models fine-tuned from one shared base, given as the ``base`` option
+    needs_base = False
 
-    def __init__(self, **options):
-        if options:
-            raise MergeInputError(f"method {self.name!r} takes no options; got {sorted(options)}")
+    def __init__(self, **options: Any):
+        self.opts = validate_options(self.name, self.options, options)
 
-    @abstractmethod
-    def plan(self, job: "MergeJob") -> dict[str, GroupMap]:
-        """One map per group of ``job.spec``."""
-
-    def finish(self, job: "MergeJob", model: nn.Module, maps: dict[str, GroupMap]) -> nn.Module:
-        """Default: REPAIR-style BatchNorm statistics reset on the calibration data."""
-        if job.reset_norms:
-            reset_batchnorm_stats(model, job.data, progress=job.progress)
-        return model
+    def run(self, setup: "MergeSetup") -> Outcome:
+        raise NotImplementedError
 
 
-def register_method(cls: type[MergeMethod]) -> type[MergeMethod]:
+def register_method(cls: type[Method]) -> type[Method]:
     """Class decorator: make ``cls`` available to :func:`pleas.merge` as ``method=cls.name``."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} needs a name")
@@ -53,8 +59,20 @@ def register_method(cls: type[MergeMethod]) -> type[MergeMethod]:
     return cls
 
 
-def get_method(name: str, **options) -> MergeMethod:
+def get_method(name: str, **options: Any) -> Method:
     """The method registered as ``name``, configured with ``options``."""
-    if name not in METHODS:
+    if not isinstance(name, str) or name not in METHODS:
         raise MergeInputError(f"unknown method {name!r}; known methods: {sorted(METHODS)}")
     return METHODS[name](**options)
+
+
+def describe_methods() -> str:
+    """Every registered method with its options (what ``pleas methods`` prints)."""
+    lines = []
+    for name in sorted(METHODS):
+        cls = METHODS[name]
+        size = "fixed size" if not cls.uses_budget else (f"up to {cls.max_budget:g}x" if cls.max_budget else "1x and up")
+        lines.append(f"{name} ({size}): {cls.summary}")
+        for o in cls.options:
+            lines.append(f"    {o.name} = {o.default!r}  [{o.allowed()}]  {o.doc}")
+    return "\n".join(lines)

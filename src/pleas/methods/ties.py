@@ -1,23 +1,25 @@
-"""``ties``: TIES-merging (Yadav et al. 2023) of models fine-tuned from one shared base: each task
-vector trimmed to its ``density`` fraction of largest entries, signs elected by the trimmed sum, the
-agreeing entries averaged, times ``scale``, added to the base (:func:`pleas.task_vectors.ties`)."""
-from __future__ import annotations
-
-from ..errors import MergeInputError
-from ..task_vectors import ties
-from .registry import register_method
-from .task_arithmetic import SameBase
+"""``ties``: TIES-merging (Yadav et al. 2023) of models fine-tuned from one shared base: each task vector
+trimmed to its ``density`` fraction of largest entries, signs elected by the trimmed sum, the agreeing
+entries averaged, times ``scale``, added to the base (:func:`pleas.methods.task_vectors.ties`)."""
+from .options import Option
+from .registry import Method, register_method
+from .same_base import BASE, SCALE, same_base_merge
+from .task_vectors import ties
 
 
 @register_method
-class TIES(SameBase):
+class TIES(Method):
     name = "ties"
+    summary = "TIES-merging of models fine-tuned from one base: trim, elect sign, disjoint mean"
+    options = (BASE, Option("density", float, 0.2, "fraction of each task vector kept", low=0.0, low_open=True,
+                            high=1.0), SCALE)
+    max_budget = 1.0
+    needs_base = True
 
-    def __init__(self, *, base=None, density: float = 0.2, scale: float = 1.0):
-        super().__init__(base=base, scale=scale)
-        if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
-            raise MergeInputError(f"density={density!r}; allowed: 0 < density <= 1 (the fraction of each task vector kept)")
-        self.density = float(density)
+    def __init__(self, **options):
+        super().__init__(**options)
+        if self.opts["base"] is None:
+            BASE.validate(self.name, None)
 
-    def combine(self, vectors):
-        return ties(vectors, self.density, self.scale)
+    def run(self, setup):
+        return same_base_merge(setup, self.opts["base"], lambda v: ties(v, self.opts["density"], self.opts["scale"]))

@@ -1,0 +1,236 @@
+"""The stages a method is composed of, as plain functions of the merge's setup and each other's results.
+
+In the order data flows: source statistics (one pass over the sources) -> matching -> allocation of the
+budget -> group maps -> build (state-dict rewrite and model) -> refit -> norm statistics -> the result.
+Each takes what it needs and returns a plain object; none changes the setup.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..budget import (allocate_by_loss, allocate_merge_counts, merge_loss_tables, merged_widths, prefix_merge_counts,
+                      uniform_merge_counts, zero_block_count)
+from ..capture import capture
+from ..errors import MergeInputError, SpecError
+from ..groups import ModelGraph, PermutationSpec, analyze
+from ..matching import Matching, activation_matching, weight_matching
+from ..rewrite import GroupMap, build_model, ensemble_map, partial_merge_map, resized, target_spec, transform_state_dicts
+from ..rewrite.heads import SeparateHeads
+from ..norms.reset import reset_statistics
+from ..refit import RefitOptions, TargetSampler, refit_layers, refit_propagated, refit_teacher
+from ..setup import MergeSetup
+from ..statistics import moments_observer, source_pass
+
+ALLOCATIONS = ("uniform", "greedy", "measured", "downstream", "prefix")
+
+
+# ------------------------------------------------------------------------------------------ statistics
+
+def source_statistics(setup: MergeSetup, *, moments: str | None, observers: tuple = ()) -> dict | None:
+    """One pass over the sources for every statistic asked: ``moments`` "full" (the stacked units'
+    :class:`~pleas.statistics.Moments`, for ZipIt! and the downstream allocation), "cross" (what
+    activation matching reads of two models) or None; ``observers`` ride along (the refit's targets)."""
+    observer = None
+    if moments is not None:
+        observer = moments_observer(setup.spec, setup.n, len(setup.batches), setup.seed,
+                                    cross=moments == "cross" and setup.n == 2)
+    watching = ([observer] if observer else []) + list(observers)
+    if watching:
+        source_pass(setup.programs, setup.batches, watching, progress=setup.progress)
+    return observer.moments if observer else None
+
+
+# ------------------------------------------------------------------------------------------ matching
+
+def match(setup: MergeSetup, moments: dict | None) -> Matching:
+    """B's units matched to A's as ``setup.matching`` says: by activations (needs ``moments``), by
+    weights (Git Re-Basin), or unit i with unit i ("identity")."""
+    if setup.matching == "identity":
+        return Matching.identity(setup.spec)
+    if setup.matching == "weight":
+        sd_a, sd_b = setup.state_dicts
+        return weight_matching(setup.spec, sd_a, sd_b, seed=setup.seed)
+    return activation_matching(setup.spec, moments)
+
+
+def needs_moments(setup: MergeSetup, allocation: str | None) -> str | None:
+    """Which moments the matching and the allocation read: "full", "cross" or None."""
+    if allocation == "downstream":
+        return "full"
+    return "cross" if setup.matching == "activation" else None
+
+
+# ------------------------------------------------------------------------------------------ budget
+
+def default_allocation(setup: MergeSetup, allocation: str | None) -> str:
+    """The allocation used: the one asked for, else uniform for dense budgets and downstream for effective
+    ones (README, "Spreading the budget over groups")."""
+    if allocation is not None:
+        return allocation
+    return "downstream" if setup.effective_budget else "uniform"
+
+
+def merge_counts(setup: MergeSetup, allocation: str, matching: Matching, moments: dict | None,
+                 given: dict | None = None) -> dict[str, int]:
+    """k_g per group: ``given`` (checked), or from the budget with ``allocation``."""
+    spec = setup.spec
+    if given is not None:
+        names = {g.name: g for g in spec}
+        unknown = sorted(set(given) - set(names))
+        if unknown:
+            raise MergeInputError(f"merge_counts names unknown groups {unknown[:5]}; groups: {list(names)[:10]}...")
+        counts = {g.name: g.width for g in spec}
+        for name, k in given.items():
+            if not 0 <= int(k) <= names[name].width:
+                raise MergeInputError(f"merge_counts[{name!r}]={k}; allowed: 0 to {names[name].width}")
+            counts[name] = int(k)
+        return counts
+    if setup.budget == 1.0:
+        return {g.name: g.width for g in spec}
+    target = setup.target()
+    if allocation in ("greedy", "measured"):
+        weights = group_sensitivity(setup, matching) if allocation == "measured" else None
+        return allocate_merge_counts(spec, matching.similarity, setup.sizes, setup.budget_metric, target,
+                                     weights=weights)
+    if allocation == "downstream":
+        covariances = {g.name: moments[g.name].covariance() for g in spec}
+        losses = merge_loss_tables(spec, setup.state_dicts, covariances, matching.perms, matching.similarity)
+        return allocate_by_loss(spec, losses, setup.sizes, setup.budget_metric, target)
+    if allocation == "prefix":
+        return prefix_merge_counts(spec, setup.sizes, setup.budget_metric, target)
+    return uniform_merge_counts(spec, setup.sizes, setup.budget_metric, target)
+
+
+def partial_maps(spec: PermutationSpec, matching: Matching, counts: dict[str, int]) -> dict[str, GroupMap]:
+    """PLeaS's layout per group: the k_g most similar pairs merged, the rest of both models kept."""
+    return {g.name: partial_merge_map(matching.perms[g.name], matching.similarity[g.name], counts[g.name])
+            for g in spec}
+
+
+def ensemble_maps(setup: MergeSetup) -> dict[str, GroupMap]:
+    return {g.name: ensemble_map(g.width, setup.n) for g in setup.spec}
+
+
+# ------------------------------------------------------------------------------------------ building
+
+@dataclass
+class Built:
+    """The merged network (before separate heads are split off), where its units sit (``target``), the
+    maps it was built with (output axes included), and its capture once a stage needs it."""
+
+    model: nn.Module
+    target: PermutationSpec
+    maps: dict[str, GroupMap]
+    _graph: ModelGraph | None = field(default=None, repr=False)
+
+    def graph(self, setup: MergeSetup) -> ModelGraph:
+        """The merged model's capture and analysis (made once)."""
+        if self._graph is None:
+            self._graph = analyze(capture(self.model, setup.graph.program.example))
+        return self._graph
+
+    def tensors(self, setup: MergeSetup) -> dict[str, torch.Tensor]:
+        """The tensors the merged model's capture runs with, by state-dict key (changes land in it)."""
+        program = self.graph(setup).program
+        return program.gm.state_dict(keep_vars=True) if program.frontend == "export" else \
+            self.model.state_dict(keep_vars=True)
+
+    def sync(self, setup: MergeSetup) -> None:
+        """Copy what the stages changed in an exported capture's own tensors back into the model."""
+        if self._graph is not None and self._graph.program.frontend == "export":
+            self.model.load_state_dict(self._graph.program.gm.state_dict(), strict=False)
+
+
+def build(setup: MergeSetup, maps: dict[str, GroupMap], state_dicts: list[dict] | None = None) -> Built:
+    """Rewrite the sources' state dicts with ``maps`` (plus the separate heads' maps) into one model."""
+    full = setup.full_maps(maps)
+    spec = setup.merged_spec
+    widths = {name: gm.width for name, gm in full.items()}
+    try:
+        target = resized(spec, widths)
+    except SpecError:  # interleaved groups: the architecture itself says where the units go
+        target = target_spec(setup.models[0], spec, widths, setup.graph.program.example)
+        if setup.heads == "separate":
+            target = target.with_outputs()
+    state = transform_state_dicts(spec, state_dicts or setup.state_dicts, full, target=target)
+    return Built(build_model(setup.models[0], state).eval(), target, full)
+
+
+def finished(setup: MergeSetup, built: Built) -> nn.Module:
+    """The model a user gets: in eval mode, separate heads split into a tuple of outputs."""
+    built.sync(setup)
+    model = built.model
+    if setup.heads == "separate":
+        model = SeparateHeads(model, [g.width for g in setup.spec.outputs for _ in range(setup.n)])
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------ refit and norms
+
+def target_sampler(setup: MergeSetup, options: RefitOptions) -> TargetSampler:
+    """A sampler of the propagated refit's targets made before the merged model exists, so that it rides
+    along on the matching's pass over the sources."""
+    return TargetSampler.for_budget(setup.graph, setup.budget, options, len(setup.batches))
+
+
+def refit(setup: MergeSetup, built: Built, options: RefitOptions, sampler: TargetSampler | None = None) -> list[dict]:
+    """Refit every linear map of the merged model by least squares (in place); the report entries."""
+    graph = built.graph(setup)
+    layers = refit_layers(setup.graph, graph, setup.merged_spec, built.target)
+    params = built.tensors(setup)
+    if options.inputs == "propagated":
+        if sampler is not None and not sampler.batches:
+            sampler = None  # no pass over the sources ran with it
+        return refit_propagated(setup.programs, graph.program, layers, graph.norms, built.maps, setup.batches,
+                                params, options, sampler)
+    return refit_teacher(setup.programs, layers, built.maps, setup.batches, params, options)
+
+
+def reset_norms(setup: MergeSetup, built: Built) -> int:
+    """Recompute the merged model's norm statistics on the calibration data (REPAIR-style)."""
+    if not setup.reset_norms:
+        return 0
+    graph = built.graph(setup)
+    if not graph.norms:
+        return 0
+    return reset_statistics(graph.program, graph.norms, setup.batches, built.tensors(setup), progress=setup.progress)
+
+
+# ------------------------------------------------------------------------------------------ measured allocation
+
+def group_sensitivity(setup: MergeSetup, matching: Matching, *, max_batches: int = 2) -> dict[str, float]:
+    """Measured weight of each group for the greedy allocation: with every other group kept apart (the
+    exact ensemble), merge all of group g's pairs and measure the relative squared change of the model's
+    outputs on a few calibration batches, spread over g's pairs by their dissimilarity:
+    w_g = change_g / sum_i (1 - s_g,i). One model build and forward per group."""
+    batches = setup.batches[:max_batches]
+    apart = ensemble_maps(setup)
+
+    def outputs(maps):
+        model = build(setup, maps).model
+        with torch.no_grad():
+            outs = [model(x) for x in batches]
+        return torch.cat([torch.cat(o, -1) if isinstance(o, tuple) else o for o in outs]).double()
+
+    reference = outputs(apart)
+    scale = float((reference - reference.mean(0)).pow(2).mean()) or 1.0
+    weights = {}
+    for g in setup.spec:
+        perm, sim = matching.perms[g.name], matching.similarity[g.name]
+        change = float((outputs({**apart, g.name: partial_merge_map(perm, sim, g.width)}) - reference).pow(2).mean())
+        total = float((1 - sim.double().clamp(-1, 1)).sum()) or 1.0
+        weights[g.name] = change / scale / total
+    return weights
+
+
+def zero_blocks(setup: MergeSetup, built: Built) -> dict[str, int]:
+    """Entries of the merged model that are zero by construction, per tensor."""
+    return zero_block_count(setup.merged_spec, setup.state_dicts[0], built.maps, setup.n, built.target)
+
+
+__all__ = ["ALLOCATIONS", "Built", "build", "default_allocation", "ensemble_maps", "finished", "group_sensitivity",
+           "match", "merge_counts", "merged_widths", "needs_moments", "partial_maps", "refit", "reset_norms",
+           "source_statistics", "target_sampler", "zero_blocks"]

@@ -1,0 +1,232 @@
+"""The closed-form least-squares solve of one layer (ALGORITHM.md section 4), from streamed float64 sums.
+
+A layer maps X~ to Y~ with W; the refit solves
+
+    W = argmin_W ||X~ W^T - Y~||^2 + lambda ||W - W_0||^2     subject to the zero blocks,
+
+with the bias as a constant input column. The constraint splits the problem by output rows: a row owned
+by a set of models may only read input columns that one of those models owns (A-only rows never read
+B-only inputs). Each row pattern is an ordinary ridge regression solved from G = X~^T X~ and C = X~^T Y~,
+which are sums over samples and so stream over batches. lambda = ridge * trace(G) / columns, relative to
+the data's own scale, pulls under-determined layers toward the partial-merge initialisation W_0 rather
+than toward zero.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..statistics.gram import gram, quadratic_trace
+
+#: Products x^T x with fewer multiply-adds than this run in float64 (the rest in float32).
+SMALL_PRODUCT = 1 << 24
+#: Ridge solves over at least this many columns factor and solve in float32 (about twice as fast).
+#: The ridge bounds the condition number of G + lam I by about P / ridge, and float32's backward
+#: error changes the fitted objective by far less than the ridge itself does; a factorisation that
+#: fails in float32 is redone in float64.
+FLOAT32_SOLVE = 1024
+
+
+@dataclass
+class RefitOptions:
+    """How layers are refitted. ``ridge``: pull toward W_0 relative to trace(G)/P; ``mask``: keep the zero
+    blocks; ``oversample``/``min_rows``: samples kept per layer (max(oversample x columns, min_rows));
+    ``method``: "exact" (closed form) or "adam" (``adam_steps`` steps of Adam at ``adam_lr`` from W_0);
+    ``inputs``: "teacher" (the permuted ensemble's inputs) or "propagated" (the merged model's own)."""
+
+    ridge: float = 1e-2
+    mask: bool = True
+    oversample: int = 4
+    min_rows: int = 4096
+    method: str = "exact"
+    inputs: str = "propagated"
+    adam_steps: int = 300
+    adam_lr: float = 1e-3
+    seed: int = 0
+    max_gram_bytes: int = 4 << 30
+    max_frontier_bytes: int = 4 << 30
+    reset_norms: bool = True
+    progress: bool = True
+
+
+@dataclass
+class LayerStats:
+    """Streamed sums for one layer: G (P, P), C (P, m_out), sum of squared targets, sample count.
+
+    With ``index``, the sums hold only those columns of the layer's P (a conv's taps that can ever
+    read inside its input: on a 1x1 map a 3x3 conv has one), and every other column counts as never
+    seen. Rows and weights are always given over all P columns. With ``initial`` (a flattened weight
+    W_0, (m_out, P)), every update also adds ||X W_0^T - Y||^2 over its rows, the fit error of the
+    starting weights, from the rows themselves: cheaper than the quadratic form with G afterwards."""
+
+    gram: torch.Tensor
+    cross: torch.Tensor
+    target_sq: float = 0.0
+    count: int = 0
+    index: torch.Tensor | None = None
+    columns: int | None = None  # P, when ``index`` holds fewer
+    initial: torch.Tensor | None = None
+    initial_sq: float = 0.0
+
+    def __post_init__(self):
+        self.columns = self.columns or self.gram.shape[0]
+        self._lookup = None
+        if self.index is not None:
+            self._lookup = torch.full((self.columns,), -1, dtype=torch.long)
+            self._lookup[self.index] = torch.arange(len(self.index))
+
+    def local(self, cols: torch.Tensor) -> torch.Tensor:
+        """Positions in G and C of the layer's columns ``cols``."""
+        return cols if self._lookup is None else self._lookup[cols]
+
+    def seen(self) -> torch.Tensor:
+        """(P,) bool: the columns some sample reached."""
+        if self.index is None:
+            return self.gram.diagonal() > 0
+        mask = torch.zeros(self.columns, dtype=torch.bool)
+        mask[self.index[self.gram.diagonal() > 0]] = True
+        return mask
+
+    def scale(self) -> float:
+        """trace(G) / P, the data's own scale for the ridge."""
+        return float(self.gram.diagonal().sum()) / self.columns
+
+    def update(self, x: torch.Tensor, y: torch.Tensor, blocks: list | None = None) -> None:
+        """Add a batch of rows. Large products run in float32 (a few thousand rows each); the running
+        sums are float64, so round-off does not grow with the dataset. ``blocks`` lists (rows, columns)
+        pairs such that each row is zero outside its block's columns (conv rows grouped by which taps
+        see padding; rows as indices, or a slice when they come grouped by block); each block then adds
+        its own smaller product. Without blocks, columns that are zero in every row (such as kernel
+        taps that only ever read padding) are skipped: they add nothing to G or C."""
+        self.target_sq += float((y.double() ** 2).sum())
+        self.count += x.shape[0]
+        if blocks is None:
+            self._add(x if self.index is None else x[:, self.index], y, None)
+            return
+        for rows, cols in blocks:
+            xb, yb = (x[rows], y[rows]) if isinstance(rows, slice) else (x.index_select(0, rows), y.index_select(0, rows))
+            self._add(xb.index_select(1, cols), yb, self.local(cols))
+
+    def _add(self, x: torch.Tensor, y: torch.Tensor, cols: torch.Tensor | None) -> None:
+        """Add rows x over G's positions ``cols`` (a tap block: its columns are the taps its rows
+        read, so it is taken whole), or over every column, skipping those zero in every row."""
+        active = cols
+        if cols is None:
+            active = (x != 0).any(0).nonzero().squeeze(1)
+            if len(active) < x.shape[1]:
+                x = x[:, active]
+            else:
+                active = None
+        if x.shape[0] * x.shape[1] ** 2 < SMALL_PRODUCT:  # cheap: float64 throughout
+            x, y = x.double(), y.double()
+        if self.initial is not None:
+            w0 = self.initial if self.index is None else self.initial[:, self.index]
+            w0 = w0 if active is None else w0[:, active]
+            r = torch.addmm(y, x, w0.T.to(x.dtype), beta=-1).flatten()  # X W_0^T - Y
+            self.initial_sq += float(torch.dot(r, r))
+        g, c = gram(x), (x.T @ y).double()
+        if active is None:
+            self.gram += g
+            self.cross += c
+        else:  # G[active, active] += g as row adds (a 2-D scatter with accumulation is far slower)
+            rows = g.new_zeros(len(active), self.gram.shape[1]).index_copy_(1, active, g)
+            self.gram.index_add_(0, active, rows)
+            self.cross.index_add_(0, active, c)
+
+    def initial_error(self) -> float:
+        """||X W_0^T - Y||^2 / ||Y||^2 for the ``initial`` weight, summed over the updates."""
+        return self.initial_sq / max(self.target_sq, 1e-30)
+
+    def error(self, w: torch.Tensor) -> float:
+        """||X W^T - Y||^2 / ||Y||^2 for a flattened weight w (m_out, P), from the sums alone."""
+        if self.index is not None:
+            w = w[:, self.index]
+        seen = (self.gram.diagonal() > 0).nonzero().squeeze(1)  # unseen columns add nothing
+        g, c = self.gram, self.cross
+        if len(seen) < len(g):
+            w, g, c = w[:, seen], g[seen[:, None], seen], c[seen]
+        quad = quadratic_trace(w, g) - 2 * (w * c.T).sum() + self.target_sq
+        return float(quad.clamp_min(0)) / max(self.target_sq, 1e-30)
+
+
+
+def solve_layer(layer, st: LayerStats, params: dict, own_out: torch.Tensor, own_in: torch.Tensor,
+                opt: RefitOptions) -> dict:
+    """Solve one layer from its sums ``st`` and write the weights into ``params`` (in place).
+
+    ``layer`` is the merged model's :class:`~pleas.ops.LinearMap`; ``own_out`` (n, m_out) and ``own_in``
+    (n, P) say which source models own each output row and input column (the zero-block constraint).
+    Returns the layer's report entry (samples, columns, fit errors before and after)."""
+    w0 = layer.matrix(params)
+    m_out, p = w0.shape
+    before = st.initial_error() if st.initial is not None else st.error(w0)
+    lam = opt.ridge * st.scale()
+    seen = st.seen()
+    exact = opt.method != "adam"
+    if exact:
+        st.gram.diagonal().add_(lam)  # every row pattern solves with G_JJ + lam I; undone below
+    quad = st.target_sq  # ||X W^T - Y||^2 after the solve, accumulated per pattern (exact solves)
+    w = w0.clone()
+    patterns = {} if opt.mask else {None: torch.arange(m_out)}
+    if opt.mask:
+        for i, key in enumerate(map(tuple, own_out.T.tolist())):
+            patterns.setdefault(key, []).append(i)
+    for key, rows in patterns.items():
+        rows = torch.as_tensor(rows)
+        allowed = torch.ones(p, dtype=torch.bool) if key is None else (torch.tensor(key)[:, None] & own_in).any(0)
+        w[rows[:, None], (~allowed).nonzero().squeeze(1)] = 0.0
+        # Columns the data never reaches keep their initial weight: for them the ridge solution is W_0.
+        cols = (allowed & seen).nonzero().squeeze(1)
+        if len(cols):
+            start = w0[rows[:, None], cols]
+            sol, c = _ridge_solve(st, rows, cols, start, lam, opt)
+            w[rows[:, None], cols] = sol
+            if exact:
+                # The solution satisfies W (G + lam I) = C^T + lam W0, so W G W^T needs no product with G:
+                # ||X W^T - Y||^2 = sum(lam (W0 - W) * W - W * C^T) + ||Y||^2 over the pattern.
+                quad += float((lam * (start - sol) * sol - sol * c.T).sum())
+    if exact:
+        st.gram.diagonal().sub_(lam)
+        after = max(quad, 0.0) / max(st.target_sq, 1e-30)
+    else:
+        after = st.error(w)
+    layer.set_matrix(params, w)
+    return {"layer": layer.name, "rows": st.count, "columns": p, "error_before": before, "error_after": after,
+            "ridge": lam}
+
+
+def _ridge_solve(st: LayerStats, rows, cols, start, lam: float, opt: RefitOptions):
+    """min_W ||X_J W^T - Y_rows||^2 + lam ||W - W0||^2 over the allowed columns J: (G_JJ + lam I) W^T =
+    C_J,rows + lam W0^T, with ``start`` = W0[rows, J]. Cholesky in float64, where ``st.gram`` already
+    holds the lam I; Adam on the same objective when ``opt.method == 'adam'``. Returns W[rows, J] and
+    C_J,rows."""
+    local = st.local(cols)
+    every_col = len(cols) == st.gram.shape[0]  # then ``local`` is 0 ... P-1 in order
+    g = st.gram if every_col else st.gram[local[:, None], local]
+    c = st.cross[:, rows] if every_col else st.cross[local[:, None], rows]
+    if opt.method == "adam":
+        return _adam(g, c, start, lam, opt), c
+    rhs = c + lam * start.T
+    if len(cols) >= FLOAT32_SOLVE:
+        chol, info = torch.linalg.cholesky_ex(g.float())
+        if int(info) == 0:
+            return torch.cholesky_solve(rhs.float(), chol).double().T, c
+    chol, info = torch.linalg.cholesky_ex(g)
+    if int(info) == 0:
+        return torch.cholesky_solve(rhs, chol).T, c
+    return torch.linalg.lstsq(g, rhs).solution.T, c
+
+
+def _adam(g, c, start, lam: float, opt: RefitOptions) -> torch.Tensor:
+    """Adam steps from W_0 on the same objective, written with G and C: grad = 2 (W G - C^T + lam (W - W0)).
+    Stopping early regularises like the reference implementation's refit."""
+    w = start.clone().requires_grad_(True)
+    adam = torch.optim.Adam([w], lr=opt.adam_lr)
+    scale = 1.0 / max(float(g.diagonal().mean()), 1e-30)
+    for _ in range(opt.adam_steps):
+        adam.zero_grad()
+        grad = 2 * (w.detach() @ g - c.T + lam * (w.detach() - start)) * scale
+        w.grad = grad
+        adam.step()
+    return w.detach()

@@ -1,0 +1,121 @@
+"""Group maps: how the units of n source models become the units of the rewritten model.
+
+Every rewrite is one :class:`GroupMap` per group, over the *stacked* units of n models (model k's unit
+i is stacked unit ``k*d + i``), in the formulation of ZipIt!:
+
+- ``merge``   (m, n*d): new unit j = sum_u merge[j, u] * stacked unit u. Applied to ``out`` members.
+- ``unmerge`` (n*d, m): stacked unit u is read as sum_j unmerge[u, j] * new unit j. Applied to ``in``
+  members, so a layer that read unit u now reads the new units it became.
+
+This module makes the maps of the standard layouts: permutations, Net2Net widening, PLeaS's partial
+merge ``[merged | A-only | B-only]`` (ALGORITHM.md section 3) and the ensemble (every unit kept).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import SpecError
+
+
+@dataclass(frozen=True)
+class GroupMap:
+    """The merge (m, n*d) and unmerge (n*d, m) matrices of one group."""
+
+    merge: torch.Tensor
+    unmerge: torch.Tensor
+
+    def __post_init__(self):
+        if self.merge.dim() != 2 or self.unmerge.dim() != 2 or self.merge.shape != self.unmerge.shape[::-1]:
+            raise SpecError(
+                f"merge must be (m, n*d) and unmerge (n*d, m); got {tuple(self.merge.shape)} and "
+                f"{tuple(self.unmerge.shape)}"
+            )
+
+    @property
+    def width(self) -> int:
+        """m, the number of units in the new model."""
+        return self.merge.shape[0]
+
+    def owners(self, n: int, side: str) -> torch.Tensor:
+        """(n, m) booleans: which source models contribute to (``side="out"``) or read (``"in"``) each new unit."""
+        mat = self.merge if side == "out" else self.unmerge.T
+        d = mat.shape[1] // n
+        return torch.stack([mat[:, k * d : (k + 1) * d].abs().sum(1) > 0 for k in range(n)])
+
+
+def permutation_map(perm: torch.Tensor) -> GroupMap:
+    """New unit j is old unit ``perm[j]``: merge = P with P[j, perm[j]] = 1, unmerge = P^T."""
+    d = len(perm)
+    p = torch.zeros(d, d, dtype=torch.float64)
+    p[torch.arange(d), perm.long()] = 1.0
+    return GroupMap(p, p.T.clone())
+
+
+def duplication_map(width: int, factor: int = 2) -> GroupMap:
+    """Widen a group by repeating each unit ``factor`` times in place (unit i -> i*factor + r).
+
+    Outputs are copied and each copy's outgoing weights are divided by ``factor`` (Net2Net widening),
+    so the widened model computes the same function.
+    """
+    merge = torch.zeros(width * factor, width, dtype=torch.float64)
+    merge[torch.arange(width * factor), torch.arange(width).repeat_interleave(factor)] = 1.0
+    return GroupMap(merge, merge.T / factor)
+
+
+def partial_merge_map(perm: torch.Tensor, similarity: torch.Tensor, k: int) -> GroupMap:
+    """PLeaS's layout for one group of width d: units ``[merged (k) | A-only (d-k) | B-only (d-k)]``.
+
+    ``perm[i]`` is B's unit paired with A's unit i; the ``k`` pairs with the highest ``similarity``
+    are merged (averaged), every other unit of A and of B is kept. Applied by
+    :func:`~pleas.rewrite.transform.transform_state_dicts` this gives ALGORITHM.md's initial weights: merged
+    rows average A's and B's, kept rows copy their model's, and the A-only x B-only blocks are zero.
+    Merged pairs and kept units are listed in A's (resp. B's) unit order.
+    """
+    d = len(perm)
+    if not 0 <= k <= d:
+        raise ValueError(f"merge count k={k} must lie in [0, {d}]")
+    order = torch.argsort(similarity.double(), descending=True, stable=True)
+    merged_a = torch.sort(order[:k]).values
+    kept_a = torch.sort(order[k:]).values
+    kept_b = torch.sort(perm[kept_a]).values
+    m = 2 * d - k
+    merge = torch.zeros(m, 2 * d, dtype=torch.float64)
+    unmerge = torch.zeros(2 * d, m, dtype=torch.float64)
+    rows = torch.arange(k)
+    merge[rows, merged_a] = 0.5
+    merge[rows, d + perm[merged_a]] = 0.5
+    unmerge[merged_a, rows] = 1.0
+    unmerge[d + perm[merged_a], rows] = 1.0
+    a_rows = torch.arange(k, d)
+    merge[a_rows, kept_a] = 1.0
+    unmerge[kept_a, a_rows] = 1.0
+    b_rows = torch.arange(d, m)
+    merge[b_rows, d + kept_b] = 1.0
+    unmerge[d + kept_b, b_rows] = 1.0
+    return GroupMap(merge, unmerge)
+
+
+def identity_merge_map(width: int) -> GroupMap:
+    """Unit i of A averaged with unit i of B: plain weight averaging, no alignment."""
+    return partial_merge_map(torch.arange(width), torch.ones(width), width)
+
+
+def ensemble_map(width: int, n_models: int = 2) -> GroupMap:
+    """Keep every unit of every model: the n models side by side (k = 0)."""
+    eye = torch.eye(n_models * width, dtype=torch.float64)
+    return GroupMap(eye, eye.clone())
+
+
+def unit_owners(members: list, size: int, maps: dict[str, GroupMap], n: int, *, side: str) -> torch.Tensor:
+    """(n, size) booleans: which source models own each entry of an axis whose groups are ``members``
+    ((group, member) pairs in the *rewritten* layout). Entries outside every group (network inputs,
+    shared outputs) belong to every model."""
+    owners = torch.ones(n, size, dtype=torch.bool)
+    for g, m in members:
+        if g.name not in maps:
+            continue
+        own = maps[g.name].owners(n, side)  # (n, width)
+        owners[:, m.index.reshape(-1)] = own.repeat_interleave(m.copies, dim=1)
+    return owners

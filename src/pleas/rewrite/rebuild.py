@@ -1,0 +1,103 @@
+"""Build a working ``nn.Module`` from a state dict whose group widths differ from the template's, and
+find where a rewritten model's units sit by capturing it."""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import SpecError
+from ..groups.spec import PermutationSpec
+from ..ops.registry import find_resizer
+from . import views
+from .layout import axis_length
+
+
+def build_model(template: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of ``template`` holding ``state_dict``, with module size attributes updated to match.
+
+    Every entry of the template's state dict must be present. Modules whose tensors change shape get
+    their size attributes (``in_features``, ``out_channels``, ``num_features``, ``normalized_shape``,
+    ...) updated by their type's resizer. Tied tensors stay tied. The template is not modified.
+    """
+    expected = set(template.state_dict())
+    missing, unexpected = expected - set(state_dict), set(state_dict) - expected
+    if missing or unexpected:
+        raise SpecError(
+            f"state dict does not fit {type(template).__name__}: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+    model = copy.deepcopy(template)
+    resized: dict[str, nn.Module] = {}
+    placed: dict[int, torch.Tensor] = {}  # the template's tensor -> its replacement (tied tensors stay tied)
+    originals = {name: t for name, t in template.state_dict(keep_vars=True).items()}
+    for name, tensor in state_dict.items():
+        path, _, attr = name.rpartition(".")
+        module = model.get_submodule(path)
+        old = getattr(module, attr)
+        key = id(originals[name])
+        if key in placed:
+            new = placed[key]
+        elif attr in module._parameters:
+            new = nn.Parameter(_own(tensor), requires_grad=old.requires_grad)
+        else:
+            new = _own(tensor)
+        placed[key] = new
+        if attr in module._parameters:
+            module._parameters[attr] = new
+        else:
+            module._buffers[attr] = new
+        if tuple(old.shape) != tuple(tensor.shape):
+            resized[path] = module
+    for path, module in resized.items():
+        resize = find_resizer(module)
+        if resize is not None:
+            try:
+                resize(module)
+            except ValueError as exc:
+                raise SpecError(f"cannot resize module {path!r}: {exc}") from exc
+    return model
+
+
+def _own(tensor: torch.Tensor) -> torch.Tensor:
+    """A private, contiguous copy (strided views from the transforms make convolutions slow)."""
+    return tensor.detach().clone(memory_format=torch.contiguous_format)
+
+
+def skeleton(template: nn.Module, spec: PermutationSpec, widths: dict[str, int]) -> nn.Module:
+    """The template's architecture at new group widths, holding zeros."""
+    state = {}
+    for key, t in template.state_dict().items():
+        shape = list(views.dense(spec, key, t).shape)
+        for axis in range(len(shape)):
+            shape[axis] = axis_length(spec, key, axis, shape[axis], widths)
+        state[key] = torch.zeros(views.stored_numel(spec, key, tuple(shape)), dtype=t.dtype).reshape(
+            _stored_shape(spec, key, tuple(shape)))
+    return build_model(template, state)
+
+
+def _stored_shape(spec: PermutationSpec, key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    view = spec.views.get(key)
+    if view is None:
+        return shape
+    return (shape[0], shape[1] // view[1], *shape[2:])
+
+
+def target_spec(template: nn.Module, spec: PermutationSpec, widths: dict[str, int], example: Any) -> PermutationSpec:
+    """Where the units of ``template`` at new widths sit, read off a capture of that architecture (for
+    layouts :func:`~pleas.rewrite.layout.resized` cannot compute: interleaved groups). The groups must come
+    back with the same names and the asked widths."""
+    from ..capture import capture
+    from ..groups.analysis import analyze
+
+    model = skeleton(template, spec, widths)
+    found = analyze(capture(model, example)).spec
+    want = {g.name: widths.get(g.name, g.width) for g in spec.groups + spec.outputs}
+    got = {g.name: g.width for g in found.groups + found.outputs}
+    if want != got:
+        diff = {k: (want.get(k), got.get(k)) for k in sorted(set(want) | set(got)) if want.get(k) != got.get(k)}
+        raise SpecError(f"the architecture at the new widths has other groups than asked (asked, found): "
+                        f"{dict(list(diff.items())[:5])}; its code ties some widths together")
+    return found
