@@ -26,7 +26,12 @@ MODELS = {
     "mobilenet_v2": (lambda: _torchvision("mobilenet_v2"), (2, 3, 32, 32)),
     "timm_convnext_atto": (lambda: _timm("convnext_atto"), (2, 3, 32, 32)),
     "timm_efficientnet_b0": (lambda: _timm("efficientnet_b0"), (2, 3, 32, 32)),
+    "regnet_x_400mf": (lambda: _torchvision("regnet_x_400mf"), (2, 3, 32, 32)),  # grouped convolutions
+    "shufflenet_v2_x0_5": (lambda: _torchvision("shufflenet_v2_x0_5"), (2, 3, 32, 32)),  # channel shuffle
 }
+#: Architectures whose groups change when every unit is doubled: a channel shuffle deep in a network
+#: splits the doubled channels more finely than the original ones (their ensemble is the models as modules).
+NOT_WIDENABLE = {"shufflenet_v2_x0_5"}
 
 
 @pytest.fixture(params=list(MODELS))
@@ -34,6 +39,7 @@ def model_and_input(request):
     factory, shape = MODELS[request.param]
     torch.manual_seed(0)
     model = randomise_norm_stats(factory())
+    model.pleas_test_name = request.param
     return model, torch.randn(*shape)
 
 

@@ -41,7 +41,11 @@ def test_permutation_really_moves_weights(model_and_input):
 
 
 def test_doubling_every_group_keeps_outputs(model_and_input):
+    from conftest import NOT_WIDENABLE
+
     model, x = model_and_input
+    if model.pleas_test_name in NOT_WIDENABLE:
+        pytest.skip("the architecture's groups change at double width (test_architecture covers it)")
     spec = pleas.build_spec(model, x)
     maps = {g.name: pleas.duplication_map(g.width, 2) for g in spec}
     wide = pleas.build_model(model, pleas.transform_state_dicts(spec, [model.state_dict()], maps)).eval()

@@ -115,3 +115,43 @@ def randomise_norm_stats(model: nn.Module, seed: int = 0) -> nn.Module:
                     m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
                     m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
     return model.eval()
+
+
+class Grouped(nn.Module):
+    """A RegNet-style bottleneck: 1x1 conv, grouped 3x3 conv (4 groups), 1x1 conv, residual, head."""
+
+    def __init__(self, w=16, classes=5):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU())
+        self.a = nn.Sequential(nn.Conv2d(w, w, 1), nn.BatchNorm2d(w), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(w, w, 3, padding=1, groups=4), nn.BatchNorm2d(w), nn.ReLU())
+        self.c = nn.Sequential(nn.Conv2d(w, w, 1), nn.BatchNorm2d(w))
+        self.head = nn.Linear(w, classes)
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = torch.relu(h + self.c(self.b(self.a(h))))
+        return self.head(h.mean((2, 3)))
+
+
+def channel_shuffle(x, groups: int):
+    n, c, h, w = x.shape
+    return x.view(n, groups, c // groups, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+
+
+class Shuffled(nn.Module):
+    """Two ShuffleNet-style units: split the channels in halves, transform one, join, shuffle."""
+
+    def __init__(self, w=16, classes=5):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU())
+        self.units = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(w // 2, w // 2, 1), nn.BatchNorm2d(w // 2), nn.ReLU()) for _ in range(2))
+        self.head = nn.Linear(w, classes)
+
+    def forward(self, x):
+        h = self.stem(x)
+        for unit in self.units:
+            keep, change = h.chunk(2, dim=1)
+            h = channel_shuffle(torch.cat([keep, unit(change)], 1), 2)
+        return self.head(h.mean((2, 3)))

@@ -15,7 +15,7 @@ from .factory import create_model
 from .groups import Group, Member, ModelGraph, PermutationSpec, Site, analyze
 from .rewrite import (GroupMap, build_model, duplication_map, permutation_map, permute_state_dict,
                     transform_state_dicts)
-from .rewrite.heads import SeparateHeads
+from .rewrite.heads import ModelEnsemble, SeparateHeads
 from .ops import register_function_handler, register_method_handler, register_module_handler, register_resizer
 from .result import MergeResult
 from .version import __version__
@@ -28,7 +28,7 @@ def build_spec(model, example_input, *, frontend: str = "auto") -> PermutationSp
 
 
 __all__ = [
-    "Group", "GroupMap", "Member", "MergeInputError", "MergeResult", "ModelGraph", "PerModel", "PermutationSpec",
+    "Group", "GroupMap", "Member", "MergeInputError", "MergeResult", "ModelEnsemble", "ModelGraph", "PerModel", "PermutationSpec",
     "PleasError",
     "Program", "SeparateHeads", "Site", "SpecError", "UnsupportedOpError", "__version__", "analyze", "build_model",
     "build_spec", "capture", "create_model", "duplication_map", "merge", "per_model", "permutation_map",

@@ -102,7 +102,7 @@ def merge(
         "seed": seed,
         "dtype": str(setup.dtype).replace("torch.", ""),
         "calibration_samples": setup.data.samples(),
-        "size": size_report(setup, built, outcome.model, model_a, zero_blocks(setup, built)),
+        "size": size_report(setup, built, outcome.model, model_a, zero_blocks(setup, built) if built.model is not None else {}),
         "groups": [
             {"name": g.name, "width": g.width, "merged_width": widths[g.name], "merge_count": counts[g.name]}
             for g in setup.spec

@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from . import __version__
+from .version import __version__
 from .budget import METRICS
 
 
@@ -32,6 +32,9 @@ def cmd_spec(args: argparse.Namespace) -> int:
     from .factory import create_model
     from . import build_spec
 
+    from .files import check_outputs
+
+    check_outputs({"--json": args.json}, [])
     model = create_model(args.arch, **args.kwargs)
     spec = build_spec(model, torch.randn(*args.input_shape))
     print(spec)
@@ -70,25 +73,10 @@ def _names(text: str) -> list[str]:
 
 def _check_outputs(args: argparse.Namespace) -> None:
     """Refuse output paths that would overwrite an input or each other, before any work is done."""
-    from pathlib import Path
+    from .files import check_outputs
 
-    from .errors import MergeInputError
-
-    outputs = [("--out", Path(args.out))] + ([("--report", Path(args.report))] if args.report else [])
-    inputs = [Path(args.model_a), Path(args.model_b)]
-    data = Path(args.data)
-    if data.exists():
-        inputs.append(data)
-    for flag, out in outputs:
-        if out.is_dir():
-            raise MergeInputError(f"{flag} {str(out)!r} is a directory; give a file path")
-        if not out.parent.is_dir():
-            raise MergeInputError(f"{flag} {str(out)!r}: directory {str(out.parent)!r} does not exist")
-        for src in inputs:
-            if src.exists() and out.exists() and out.resolve() == src.resolve():
-                raise MergeInputError(f"{flag} {str(out)!r} is an input file; pleas never overwrites its inputs")
-    if args.report and Path(args.report).resolve() == Path(args.out).resolve():
-        raise MergeInputError("--out and --report are the same file; give two paths")
+    check_outputs({"--out": args.out, "--report": args.report, "--plot": args.plot},
+                  [args.model_a, args.model_b, args.data])
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -96,7 +84,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     from .api import merge
     from .errors import MergeInputError
-    from .io import load_calibration, load_model, save_merged
+    from .files import write_atomically
+    from .io import load_calibration, load_model, merged_files
     from .methods import METHODS
 
     start = time.perf_counter()
@@ -114,11 +103,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
         seed=args.seed, batch_size=args.batch_size, progress=sys.stderr.isatty(), **args.options,
     )
     info = {"arch": args.arch, "kwargs": args.kwargs}
-    save_merged(result, args.out, args.report, info=info)
+    contents = merged_files(result, args.out, args.report, info=info)
     if args.plot:
-        from .plots import plot_merge_fractions
+        from pathlib import Path
 
-        plot_merge_fractions(result, args.plot)
+        from .plots import merge_fractions_png
+
+        contents[Path(args.plot)] = merge_fractions_png(result)
+    write_atomically(contents)  # every output, or none
+    for warning in result.report.get("warnings", []):
+        print(f"warning  {warning}", file=sys.stderr)
     groups = result.report.get("groups", [])
     src_units = sum(g["width"] for g in groups)
     new_units = sum(g["merged_width"] for g in groups)
@@ -136,6 +130,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
     print(f"calib    {data.shape[0]} samples of shape {tuple(data.shape[1:])}")
     print(f"wrote    {args.out}" + (f" and {args.report}" if args.report else "") + (f" and {args.plot}" if args.plot else ""))
     print(f"seconds  {time.perf_counter() - start:.2f} (merge {result.report.get('seconds', {}).get('total', 0):.2f})")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from .methods import describe_methods
+
+    print(describe_methods())
     return 0
 
 
@@ -198,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shape", type=_shape, default=(2, 3, 64, 64), help="example input shape (default 2,3,64,64)")
     p.add_argument("--json", help="also write the spec as JSON to this path")
     p.set_defaults(func=cmd_spec)
+
+    p = sub.add_parser("methods", help="list the merging methods and their options")
+    p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser(
         "merge",

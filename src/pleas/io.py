@@ -23,7 +23,7 @@ from .errors import MergeInputError, PleasError
 from .files import write_atomically
 
 if TYPE_CHECKING:
-    from .api import MergeResult
+    from .result import MergeResult
 
 #: What :func:`load_checkpoint` accepts, for error messages.
 CHECKPOINT_FORMATS = (
@@ -301,7 +301,7 @@ def _json(value: Any) -> Any:
 
 def merged_metadata(result: "MergeResult", info: dict[str, Any] | None = None) -> dict[str, Any]:
     """The description :func:`save_merged` stores next to the tensors (see :func:`load_merged`)."""
-    from . import __version__
+    from .version import __version__
     from .rewrite.heads import SeparateHeads
 
     report = result.report or {}
@@ -329,22 +329,15 @@ def merged_metadata(result: "MergeResult", info: dict[str, Any] | None = None) -
     return _json(meta)
 
 
-def save_merged(
+def merged_files(
     result: "MergeResult",
     path: str | os.PathLike,
     report_path: str | os.PathLike | None = None,
     *,
     info: dict[str, Any] | None = None,
-) -> None:
-    """Write ``result.model``'s state dict to ``path`` as safetensors and, if given, ``result.report``
-    as JSON to ``report_path``.
-
-    The safetensors metadata entry ``"pleas"`` holds a JSON string (method, options, budget, heads and
-    head sizes, merged widths, merge counts, and ``info`` if given) from which :func:`load_merged`
-    rebuilds the model. The bytes depend only on the merged tensors and that description (no times,
-    no paths), so equal merges give identical files. Both files are written to temporary files in
-    their directories and moved into place: a failure leaves no partial file and changes no existing one.
-    """
+) -> dict[Path, bytes]:
+    """The bytes :func:`save_merged` writes, per file: ``result.model``'s state dict as safetensors at
+    ``path`` and, if given, ``result.report`` as JSON at ``report_path``."""
     from safetensors.torch import save as safetensors_bytes
 
     path = Path(path)
@@ -362,7 +355,26 @@ def save_merged(
         if info:
             report["info"] = info
         contents[report_path] = (json.dumps(_json(report), indent=2, sort_keys=True) + "\n").encode("utf-8")
-    write_atomically(contents)
+    return contents
+
+
+def save_merged(
+    result: "MergeResult",
+    path: str | os.PathLike,
+    report_path: str | os.PathLike | None = None,
+    *,
+    info: dict[str, Any] | None = None,
+) -> None:
+    """Write ``result.model``'s state dict to ``path`` as safetensors and, if given, ``result.report``
+    as JSON to ``report_path``.
+
+    The safetensors metadata entry ``"pleas"`` holds a JSON string (method, options, budget, heads and
+    head sizes, merged widths, merge counts, and ``info`` if given) from which :func:`load_merged`
+    rebuilds the model. The bytes depend only on the merged tensors and that description (no times,
+    no paths), so equal merges give identical files. Both files are written to temporary files in
+    their directories and moved into place: a failure leaves no partial file and changes no existing one.
+    """
+    write_atomically(merged_files(result, path, report_path, info=info))
 
 
 def read_merged_metadata(path: str | os.PathLike) -> dict[str, Any]:

@@ -1,13 +1,15 @@
 """Plots of a merge (matplotlib, an optional dependency: ``pip install pleas[plot]``)."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 from .errors import MergeInputError
+from .files import write_atomically
 
 
-def plot_merge_fractions(result, path: str | Path) -> Path:
-    """Save a bar chart of each group's merge fraction k_g / d_g, groups in graph order, to ``path``.
+def merge_fractions_png(result) -> bytes:
+    """A bar chart of each group's merge fraction k_g / d_g, groups in graph order, as PNG bytes.
 
     ``result`` is a :class:`pleas.MergeResult`. The title gives the method, budget and dense size.
     """
@@ -28,7 +30,14 @@ def plot_merge_fractions(result, path: str | Path) -> Path:
     size = result.report["size"]["relative_dense"]
     ax.set_title(f"{result.report['method']} at budget {result.report['budget']:g} (dense size {size:.2f}x)")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
+    return buffer.getvalue()
+
+
+def plot_merge_fractions(result, path: str | Path) -> Path:
+    """Save :func:`merge_fractions_png` to ``path`` (written atomically)."""
+    path = Path(path)
+    write_atomically({path: merge_fractions_png(result)})
     return path

@@ -39,6 +39,11 @@ def describe(value: Any) -> Any:
 
 def size_report(setup, built, model: nn.Module, source: nn.Module, zeros: dict[str, int]) -> dict[str, Any]:
     """Dense and effective sizes of the merged model, in parameters and FLOPs, relative to one source."""
+    if built.model is None:  # the sources themselves, as modules: exactly n models
+        n = float(setup.n)
+        return {"source_params": model_param_count(source), "merged_params": model_param_count(model),
+                "relative_dense": n, "effective_params": model_param_count(model), "relative_effective": n,
+                "relative_flops": n, "relative_effective_flops": n}
     widths = {g.name: built.maps[g.name].width for g in setup.spec}
     base = setup.base_size("params")
     base_flops = max(setup.base_size("flops"), 1)

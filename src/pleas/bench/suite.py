@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from .. import __version__
+from ..version import __version__
 from ..errors import MergeInputError
 from ..files import atomic_write
 from . import plots, report

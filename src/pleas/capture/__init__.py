@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedOpError
-from .frontends import as_call, capture_export, capture_fx
-from .program import Program, Walk
+from .frontends import capture_export, capture_fx
+from .program import Program, Walk, as_call, fitting_batches
 
 FRONTENDS = ("auto", "fx", "export")
 
@@ -61,4 +61,4 @@ def capture(model: nn.Module, example: Any, *, frontend: str = "auto", extra: di
             raise UnsupportedOpError(f"{fx_error}; and {export_error}") from export_error
 
 
-__all__ = ["FRONTENDS", "Program", "Walk", "as_call", "capture", "default_extra"]
+__all__ = ["FRONTENDS", "Program", "Walk", "as_call", "capture", "default_extra", "fitting_batches"]

@@ -19,7 +19,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import UnsupportedOpError
 from ..ops import registry
-from .program import Program
+from .program import Program, as_call
 
 
 class _LeafTracer(fx.Tracer):
@@ -31,18 +31,6 @@ class _LeafTracer(fx.Tracer):
         if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
             return False
         return super().is_leaf_module(m, qualname)
-
-
-def as_call(batch: Any) -> tuple[tuple, dict]:
-    """A calibration batch as positional and keyword arguments of ``forward``: a tensor is one positional
-    input, a tuple or list several, a dict (as a tokenizer returns) keyword inputs."""
-    if isinstance(batch, torch.Tensor):
-        return (batch,), {}
-    if isinstance(batch, (tuple, list)):
-        return tuple(batch), {}
-    if isinstance(batch, dict):
-        return (), dict(batch)
-    raise TypeError(f"a batch must be a tensor, a tuple of tensors or a dict of tensors, got {type(batch).__name__}")
 
 
 def _bind(model: nn.Module, batch: Any, extra: dict) -> dict[str, Any]:

@@ -19,6 +19,18 @@ from torch import nn
 _STRUCTURAL = ("placeholder", "get_attr", "output")
 
 
+def as_call(batch: Any) -> tuple[tuple, dict]:
+    """A calibration batch as positional and keyword arguments of ``forward``: a tensor is one positional
+    input, a tuple or list several, a dict (as a tokenizer returns) keyword inputs."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,), {}
+    if isinstance(batch, (tuple, list)):
+        return tuple(batch), {}
+    if isinstance(batch, dict):
+        return (), dict(batch)
+    raise TypeError(f"a batch must be a tensor, a tuple of tensors or a dict of tensors, got {type(batch).__name__}")
+
+
 @dataclass
 class Program:
     """One capture of a model.
@@ -172,3 +184,39 @@ class Walk:
                        if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter))
             peak = max(peak, live)
         return peak
+
+
+#: Samples of the first batch that a walk runs to estimate its memory per sample.
+PROBE_SAMPLES = 8
+
+
+def fitting_batches(program: Program, batches: list, max_bytes: int) -> list:
+    """The first batches whose activations, all alive at once while the walk runs, fit in ``max_bytes``
+    (estimated on a few samples of the first batch); at least one batch."""
+    batches = list(batches)
+    first = batches[0]
+    probe = _head(first, PROBE_SAMPLES)
+    size = _batch_size(probe)
+    per_sample = Walk(program, [probe]).peak_live_bytes() / max(size, 1)
+    budget = max(int(max_bytes // max(per_sample, 1.0)), _batch_size(first))
+    out, used = [first], _batch_size(first)
+    for x in batches[1:]:
+        if used + _batch_size(x) > budget:
+            break
+        out.append(x)
+        used += _batch_size(x)
+    return out
+
+
+def _batch_size(batch) -> int:
+    args, kwargs = as_call(batch)
+    first = next(v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor))
+    return first.shape[0]
+
+
+def _head(batch, n: int):
+    if isinstance(batch, torch.Tensor):
+        return batch[:n]
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(t[:n] if isinstance(t, torch.Tensor) else t for t in batch)
+    return {k: v[:n] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -73,8 +73,9 @@ class Analysis:
             return self._placeholder(node)
         if node.op == "get_attr":
             meta = program.meta.get(node.name)
-            shape = tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else ()
-            return ParamRef.stored(program.params[str(node.target)], shape)
+            if meta is None or not hasattr(meta, "shape") or not meta.dtype.is_floating_point:
+                return None  # integer buffers (position ids, masks) carry no units
+            return ParamRef.stored(program.params[str(node.target)], tuple(meta.shape))
         if node.op == "output":
             ctx = OpContext(self, node, None)
             for v in _flatten(ctx.value(node.args[0])):
@@ -137,7 +138,7 @@ def _group(data) -> Group:
 def _aliases(program: Program) -> dict[str, str]:
     """State-dict keys that share their tensor with another key (tied weights), mapped to the key the
     captured graph uses."""
-    used = set(program.params.values())
+    used = {program.params[str(n.target)] for n in program.nodes if n.op == "get_attr" and n.users}
     by_ptr: dict[int, list[str]] = {}
     for key, t in program.gm.state_dict(keep_vars=True).items():
         if t.numel():

@@ -20,7 +20,8 @@ def _counts(value):
 ALIGN_OPTIONS = (
     Option("allocation", str, None, "how the budget is spread over groups (default: uniform for dense budgets, "
            "downstream for effective ones)", choices=(None, *ALLOCATIONS)),
-    Option("merge_counts", dict, None, "k_g per group, given directly instead of an allocation", check=_counts),
+    Option("merge_counts", dict, None, "k_g per group, given directly instead of an allocation", check=_counts,
+           allowed_text="a dict {group name: merged pairs}"),
 )
 
 

@@ -30,8 +30,11 @@ class Option:
     low_open: bool = False
     choices: tuple | None = None
     check: Callable[[Any], Any] | None = None
+    allowed_text: str | None = None
 
     def allowed(self) -> str:
+        if self.allowed_text is not None:
+            return self.allowed_text
         if self.choices is not None:
             return "one of " + ", ".join(repr(c) for c in self.choices)
         if self.kind in (int, float):

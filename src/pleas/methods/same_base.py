@@ -35,8 +35,8 @@ def _base(value):
 
 
 BASE = Option("base", "model", None, "the model both were fine-tuned from: an nn.Module, its state dict or a "
-              "checkpoint path (required)", check=_base)
-SCALE = Option("scale", float, 1.0, "multiplier of the combined task vector")
+              "checkpoint path (required)", check=_base, allowed_text="an nn.Module, a state dict or a checkpoint path")
+SCALE = Option("scale", float, 1.0, "multiplier of the combined task vector")  # any finite number
 
 
 def same_base_merge(setup, base: dict[str, torch.Tensor], combine) -> Outcome:

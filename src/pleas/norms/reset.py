@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..capture import Program, Walk
+from ..capture import Program, Walk, fitting_batches
 
 
 def set_norm_statistics(norm, xs: list[torch.Tensor], params: dict) -> None:
@@ -36,8 +36,6 @@ def reset_statistics(program: Program, norms: list, batches: list, params: dict,
                      max_bytes: int = 4 << 30) -> int:
     """Walk the merged model over the calibration batches (as many as fit in ``max_bytes`` at once) and
     set every norm's statistics on the way. Returns the number of norms reset."""
-    from ..refit.propagated import fitting_batches
-
     if not norms:
         return 0
     batches = fitting_batches(program, list(batches), max_bytes)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch.fx as fx
@@ -10,9 +10,6 @@ from torch import nn
 
 from ..errors import UnsupportedOpError
 from .units import Units
-
-if TYPE_CHECKING:
-    from ..groups.analysis import Analysis
 
 
 @dataclass(frozen=True)
@@ -52,7 +49,8 @@ class OpContext:
     """One node under analysis: its arguments' values (units, parameter references), shapes, and the
     record-keeping calls a handler makes (see :mod:`pleas.ops.registry`)."""
 
-    def __init__(self, analysis: "Analysis", node: fx.Node, module: nn.Module | None):
+    def __init__(self, analysis, node: fx.Node, module: nn.Module | None):
+        """``analysis`` is the walk in progress (:class:`pleas.groups.analysis.Analysis`)."""
         self._analysis = analysis
         self.node = node
         self.module = module

@@ -103,7 +103,10 @@ def reshape(ctx):
         return _param_reshaped(v, ctx.shape())
     if not isinstance(v, Units):
         return None
-    return reshape_units(ctx, v, ctx.shape(src), ctx.shape())
+    out = reshape_units(ctx, v, ctx.shape(src), ctx.shape())
+    if len(out.dims) > len(v.dims):  # the units split over several dimensions (heads, a channel shuffle): the
+        ctx.tie(v)  # code splits the new widths the same way only if the groups keep their proportions
+    return out
 
 
 @function_handler(torch.unsqueeze, aten.unsqueeze, torch.squeeze, aten.squeeze, methods=("unsqueeze", "squeeze"))

@@ -5,17 +5,13 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..capture import Program, Walk
+from ..capture import Program, Walk, fitting_batches
 from ..rewrite.maps import GroupMap
 from ..norms.reset import set_norm_statistics
 from ..statistics.passes import source_pass
 from .layers import RefitLayer, row_limit
 from .rows import merged_rows
 from .solve import LayerStats, RefitOptions, solve_layer
-
-#: Samples of the first batch that the walk runs to estimate its memory per sample.
-PROBE_SAMPLES = 8
-
 
 class TargetSampler:
     """Seeded samples of every layer's output in each source model, batch by batch: the propagated
@@ -60,40 +56,6 @@ class TargetSampler:
         picks, rows = self.picks.pop(key)[:n_batches], self.rows.pop(key)[:n_batches]
         per_model = [torch.cat(r) for r in zip(*rows)]
         return picks, layer.targets(per_model, maps)
-
-
-def fitting_batches(program: Program, batches: list, max_bytes: int) -> list:
-    """The first batches whose activations, all alive at once while the walk runs, fit in ``max_bytes``
-    (estimated on a few samples of the first batch); at least one batch."""
-    batches = list(batches)
-    first = batches[0]
-    probe = _head(first, PROBE_SAMPLES)
-    size = _batch_size(probe)
-    per_sample = Walk(program, [probe]).peak_live_bytes() / max(size, 1)
-    budget = max(int(max_bytes // max(per_sample, 1.0)), _batch_size(first))
-    out, used = [first], _batch_size(first)
-    for x in batches[1:]:
-        if used + _batch_size(x) > budget:
-            break
-        out.append(x)
-        used += _batch_size(x)
-    return out
-
-
-def _batch_size(batch) -> int:
-    from ..capture.frontends import as_call
-
-    args, kwargs = as_call(batch)
-    first = next(v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor))
-    return first.shape[0]
-
-
-def _head(batch, n: int):
-    if isinstance(batch, torch.Tensor):
-        return batch[:n]
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(t[:n] if isinstance(t, torch.Tensor) else t for t in batch)
-    return {k: v[:n] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def refit_propagated(sources: list[Program], merged: Program, layers: list[RefitLayer], norms: list,

@@ -132,59 +132,54 @@ def rewrite_axis(t: torch.Tensor, axis: int, items: list, k: int, n: int, maps: 
                  role: str | None = None) -> torch.Tensor:
     """Model ``k``'s tensor ``t`` with axis ``axis`` rewritten: ``items`` are (group, source member,
     target member) triples on that axis. Entries outside every group keep their order (divided by n on
-    an axis that produces values, so that summing the n models' rewrites averages them)."""
+    an axis that produces values, so that summing the n models' rewrites averages them).
+
+    The rewrite of the whole axis is one sparse (new length x old length) matrix, applied in one product:
+    each new entry reads a few old ones (one for a permutation, two for a merged pair)."""
     roles = {m.role for _, m, _ in items} if role is None else {role}
     if len(roles) > 1:
         raise SpecError(f"axis {axis} of {items[0][1].param} is both an input and an output axis")
     role = roles.pop()
+    matrix = axis_matrix(items, t.shape[axis], k, n, maps, role, t.dtype)
     moved = t.movedim(axis, 0)
-    rest_shape = moved.shape[1:]
+    flat = moved.reshape(moved.shape[0], -1)
+    out = torch.sparse.mm(matrix, flat) if flat.numel() else flat.new_zeros((matrix.shape[0], flat.shape[1]))
+    return out.reshape(matrix.shape[0], *moved.shape[1:]).movedim(0, axis)
+
+
+def axis_matrix(items: list, length: int, k: int, n: int, maps: dict[str, GroupMap], role: str,
+                dtype: torch.dtype) -> torch.Tensor:
+    """The sparse (new length, ``length``) matrix that rewrites model ``k``'s entries of one axis."""
+    rows, cols, vals = [], [], []
     src_cover = torch.cat([m.index.reshape(-1) for _, m, _ in items])
     tgt_cover = torch.cat([tm.index.reshape(-1) for _, _, tm in items])
-    length = moved.shape[0] + sum((tm.index.numel() - m.index.numel()) for _, m, tm in items)
-    out = moved.new_zeros((length, *rest_shape))
-    src_rest = _complement(src_cover, moved.shape[0])
-    tgt_rest = _complement(tgt_cover, length)
+    new_length = length + sum(tm.index.numel() - m.index.numel() for _, m, tm in items)
+    src_rest, tgt_rest = _complement(src_cover, length), _complement(tgt_cover, new_length)
     if len(src_rest) != len(tgt_rest):
-        raise SpecError(f"the target layout of {items[0][1].param} axis {axis} keeps {len(tgt_rest)} entries outside "
-                        f"its groups, the source {len(src_rest)}")
-    if len(src_rest):
-        rest = moved[src_rest]
-        out[tgt_rest] = rest / n if role == "out" else rest
+        raise SpecError(f"the target layout of {items[0][1].param} axis keeps {len(tgt_rest)} entries outside its "
+                        f"groups, the source {len(src_rest)}")
+    rows.append(tgt_rest)
+    cols.append(src_rest)
+    vals.append(torch.full((len(src_rest),), 1.0 / n if role == "out" else 1.0, dtype=torch.float64))
     for g, m, tm in items:
         gm = maps[g.name]
         d = g.width
         block = gm.merge[:, k * d : (k + 1) * d] if role == "out" else gm.unmerge[k * d : (k + 1) * d, :].T
-        units = moved[m.index]  # (d, copies, *rest)
-        out[tm.index] = _apply_units(units, block)
-    return out.movedim(0, axis)
+        j, i = block.nonzero(as_tuple=True)  # new unit j reads old unit i
+        v = block[j, i]
+        copies = m.index.shape[1]
+        rows.append(tm.index[j].reshape(-1))  # (nnz, copies): copy t of new unit j ...
+        cols.append(m.index[i].reshape(-1))  # ... reads copy t of old unit i
+        vals.append(v.repeat_interleave(copies))
+    index = torch.stack([torch.cat(rows), torch.cat(cols)])
+    return torch.sparse_coo_tensor(index, torch.cat(vals).to(dtype), (new_length, length),
+                                   check_invariants=False).coalesce()
 
 
 def _complement(cover: torch.Tensor, length: int) -> torch.Tensor:
     mask = torch.ones(length, dtype=torch.bool)
     mask[cover] = False
     return mask.nonzero().squeeze(1)
-
-
-def _apply_units(units: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
-    """(d, ...) -> (m, ...): new unit j = sum_i block[j, i] * unit i."""
-    d = block.shape[1]
-    flat = units.reshape(d, -1)
-    block = block.to(units.dtype)
-    if block.shape[0] > 64 and int(torch.count_nonzero(block)) <= 2 * block.shape[0]:
-        # Permutation-like maps (a unit or a pair per row): gather the units each row reads and add
-        # them up, skipping the zeros.
-        rows, cols = block.nonzero(as_tuple=True)  # sorted by row
-        picked = flat[cols] * block[rows, cols][:, None]
-        if len(rows) > 1 and bool((rows[1:] == rows[:-1]).any()):  # some row adds several units
-            out = flat.new_zeros(block.shape[0], flat.shape[1]).index_add_(0, rows, picked)
-        elif len(rows) == block.shape[0]:  # one unit per row: the gather is the result
-            out = picked
-        else:
-            out = flat.new_zeros(block.shape[0], flat.shape[1]).index_copy_(0, rows, picked)
-    else:
-        out = block @ flat
-    return out.reshape(block.shape[0], *units.shape[1:])
 
 
 def permute_state_dict(
