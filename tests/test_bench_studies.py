@@ -170,6 +170,7 @@ def test_train_students_times_and_trains_both_starts():
     assert list(trained) == ["kd-source", "kd-pleas"]
     for record in trained.values():
         assert record["start"]["seconds"] >= teacher.seconds and record["at_budget"]["steps"] == 0
+        assert record["wall_seconds"] >= record["converged"]["seconds"] - teacher.seconds
     assert trained["kd-pleas"]["start"]["loss"] < trained["kd-source"]["start"]["loss"]  # B's head on A's body
     only = distill.train_students(merged, a, b, x, teacher, time_budget=0.0, evaluate=_no_eval, with_source=False,
                                   settings=distill.DistillSettings(max_epochs=1))
@@ -248,6 +249,7 @@ def _student(student: str, budget: float, *, merge_acc: float, at: float, conver
             "merge_acc": {"x": merge_acc, "y": merge_acc}, "merge_mean_acc": merge_acc, "merge_seconds": 3.0,
             "teacher_seconds": 0.5, "threads": 2, "start": _point(0.6, 0.5, 0), "at_budget": _point(at, 3.1, 2.0),
             "converged": _point(converged, 30.0, 15.0), "stopped": "max_epochs", "budget_reached": True,
+            "wall_seconds": 40.0,
             "last_decrease": 0.05, "epoch_losses": [1.0], "settings": distill.DistillSettings().to_json()}
 
 
@@ -297,6 +299,7 @@ def test_study_sections_from_synthetic_results():
     assert "Ahead of ZipIt! and Git Re-Basin at every size." in text
     assert "Failed: rebasin-activation at 32: error: Boom: failed." in text
     assert "the calibration-size axis 2.0 min" in text
+    assert "Of that, the distillation students (teacher passes, training and evaluation): t/resnet18 2.0 min" in text
 
 
 def test_reports_without_the_studies_render_as_before():

@@ -63,6 +63,11 @@ def _header(results: dict, results_link: str) -> list[str]:
                   + (f"; the calibration-size axis {_duration(results['axis_seconds'])}"
                      if results.get("calibration_sizes") and results.get("axis_seconds") is not None else "")
                   + ".", ""]
+    distilled = studies.distill_seconds(results)
+    if distilled:
+        lines += ["Of that, the distillation students (teacher passes, training and evaluation): "
+                  + ", ".join(f"{k} {_duration(v)}" for k, v in distilled.items())
+                  + f"; {_duration(sum(distilled.values()))} in all.", ""]
     return lines
 
 

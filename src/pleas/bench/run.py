@@ -227,7 +227,8 @@ def _evaluation(model, task: task_defs.Task, tests) -> dict:
 
 def run_pair(config: BenchConfig, task_name: str, arch: str, pair: int, bar: tqdm,
              log: Callable[[str], None]) -> dict[str, list[dict]]:
-    """Everything measured on one seed pair of one (task, arch): its source, floor, merge and skip records."""
+    """Everything measured on one seed pair of one (task, arch): its source, floor, merge, skip and
+    distillation records."""
     task = task_defs.TASKS[task_name]
     where = {"task": task_name, "arch": arch, "pair": pair}
     a, b = task_defs.source_models(task, arch, pair, config.epochs_for(task_name, arch), log)

@@ -147,6 +147,22 @@ def distill_section(results: dict, summary: Summary, link: str | None) -> list[s
     return lines
 
 
+def distill_seconds(results: dict) -> dict[str, float]:
+    """Wall seconds the distillation took per "task/arch": every student's ``wall_seconds`` and one
+    teacher pass per seed pair (records without ``wall_seconds`` are left out)."""
+    seconds: dict[str, float] = {}
+    teachers: dict[tuple, float] = {}
+    for r in results.get("distill", []):
+        if r.get("wall_seconds") is None:
+            continue
+        combo = f"{r['task']}/{r['arch']}"
+        seconds[combo] = seconds.get(combo, 0.0) + r["wall_seconds"]
+        teachers[(combo, r["pair"])] = r["teacher_seconds"]
+    for (combo, _), teacher in teachers.items():
+        seconds[combo] += teacher
+    return seconds
+
+
 def distill_rows(summary: Summary, task: str, arch: str, budgets: list[float]) -> list[list[str]]:
     """Rows of the per-task accuracy table: each student at PLeaS's time and converged, per budget."""
     rows = []
