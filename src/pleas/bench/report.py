@@ -58,7 +58,8 @@ def _header(results: dict, results_link: str) -> list[str]:
     ]
     per_combo = results.get("seconds", {})
     if per_combo:
-        lines += ["Time per task and architecture (training and distillation included): "
+        lines += [f"Time per task and architecture (training{' and distillation' if results.get('distill') else ''} "
+                  "included): "
                   + ", ".join(f"{k} {_duration(v)}" for k, v in per_combo.items())
                   + (f"; the calibration-size axis {_duration(results['axis_seconds'])}"
                      if results.get("calibration_sizes") and results.get("axis_seconds") is not None else "")
