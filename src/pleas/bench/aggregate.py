@@ -10,6 +10,11 @@ from typing import Iterable
 
 #: Per-merge numbers summarised over seed pairs (accuracies per domain come as "acc:<domain label>").
 MERGE_FIELDS = ("mean_acc", "dense", "effective", "seconds", "floor_ratio", "peak_mb", "extra_mb")
+#: A distillation student's checkpoints, and the numbers of each summarised as "<checkpoint>.<field>".
+DISTILL_POINTS = ("start", "at_budget", "converged")
+DISTILL_POINT_FIELDS = ("mean_acc", "seconds", "steps", "epochs", "loss")
+#: Per-student numbers summarised as they are.
+DISTILL_FIELDS = ("dense", "merge_mean_acc", "merge_seconds", "teacher_seconds")
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,9 @@ class Summary:
 
     ``merge(task, arch, method, budget)``: {field: Stat} (fields :data:`MERGE_FIELDS` and
     "acc:<domain>"), or None if not measured; ``source(task, arch, model, domain)``: Stat of a source
-    model's accuracy; ``floor(task, arch)``: Stat of the forward floor in seconds.
+    model's accuracy; ``floor(task, arch)``: Stat of the forward floor in seconds;
+    ``distill(task, arch, student, budget)``: a distillation student's numbers (see :meth:`distill`);
+    ``axis(task, arch, method, samples)``: the calibration-size axis's records of one merge.
     """
 
     def __init__(self, results: dict):
@@ -63,6 +70,14 @@ class Summary:
         for record in results.get("floors", []):
             floors[(record["task"], record["arch"])].append(record["seconds"])
         self._floors = {key: Stat.of(v) for key, v in floors.items()}
+        students: dict[tuple, list[dict]] = defaultdict(list)
+        for record in results.get("distill", []):
+            students[(record["task"], record["arch"], record["student"], budget_key(record["budget"]))].append(record)
+        self._students = dict(students)
+        axis: dict[tuple, list[dict]] = defaultdict(list)
+        for record in results.get("calibration_sizes", []):
+            axis[(record["task"], record["arch"], record["method"], record["samples"])].append(record)
+        self._axis = dict(axis)
 
     @staticmethod
     def _summarise(records: list[dict]) -> dict[str, Stat]:
@@ -97,3 +112,59 @@ class Summary:
 
     def domains(self, task: str) -> list[str]:
         return [d["label"] for d in self.tasks[task]["domains"]]
+
+    def pair_merge(self, task: str, arch: str, method: str, budget: float | None, pair: int) -> dict | None:
+        """The raw record of one merge on one seed pair, or None."""
+        return next((r for r in self.results.get("merges", []) if (r["task"], r["arch"], r["method"], r["pair"]) ==
+                     (task, arch, method, pair) and budget_key(r["budget"]) == budget_key(budget)), None)
+
+    def pairs_mean_acc(self, task: str, arch: str, method: str, budget: float | None, pairs: list[int]) -> Stat | None:
+        """Stat of one merge's mean accuracy over the seed pairs ``pairs``, or None unless all were measured."""
+        found = [self.pair_merge(task, arch, method, budget, p) for p in pairs]
+        return Stat.of(r["mean_acc"] for r in found) if found and all(found) else None
+
+    def distill(self, task: str, arch: str, student: str, budget: float | None) -> dict | None:
+        """A distillation student over the pairs it was trained on: {"<checkpoint>.<field>": Stat} for the
+        checkpoints :data:`DISTILL_POINTS` and fields :data:`DISTILL_POINT_FIELDS`, {field: Stat} for
+        :data:`DISTILL_FIELDS`, "stopped" (how each pair's run ended), "budget_reached" (how many reached
+        the time budget before converging), "pairs"; None if not measured."""
+        records = self._students.get((task, arch, student, budget_key(budget)))
+        if not records:
+            return None
+        summary: dict = {f: Stat.of(r[f] for r in records) for f in DISTILL_FIELDS
+                         if all(r.get(f) is not None for r in records)}
+        for point in DISTILL_POINTS:
+            for f in DISTILL_POINT_FIELDS:
+                values = [(r.get(point) or {}).get(f) for r in records]
+                if all(v is not None for v in values):
+                    summary[f"{point}.{f}"] = Stat.of(values)
+        summary.update(stopped=[r["stopped"] for r in records], pairs=[r["pair"] for r in records],
+                       budget_reached=sum(1 for r in records if r.get("budget_reached")))
+        return summary
+
+    def distill_combos(self) -> list[tuple[str, str]]:
+        """The (task, arch) pairs with distillation students, in the run's order."""
+        found = {(t, a) for (t, a, _, _) in self._students}
+        return [c for c in self.combos if c in found]
+
+    def distill_budgets(self, task: str, arch: str, student: str) -> list[float]:
+        return sorted(b for (t, a, s, b) in self._students if (t, a, s) == (task, arch, student))
+
+    def axis(self, task: str, arch: str, method: str, samples: int) -> list[dict]:
+        """The calibration-size axis's records of ``method`` on (task, arch) at ``samples`` (one per pair)."""
+        return self._axis.get((task, arch, method, samples), [])
+
+    def axis_combos(self) -> list[tuple[str, str]]:
+        found = {(t, a) for (t, a, _, _) in self._axis}
+        return [c for c in self.combos if c in found]
+
+    def axis_sizes(self, task: str, arch: str) -> list[tuple[int, int]]:
+        """(samples used, size requested) on (task, arch), by size."""
+        sizes = {(r["samples"], r["requested"]) for (t, a, _, _), records in self._axis.items() if (t, a) == (task, arch)
+                 for r in records}
+        return sorted(sizes)
+
+    def axis_methods(self) -> list[str]:
+        configured = self.results.get("config", {}).get("methods", [])
+        seen = {m for (_, _, m, _) in self._axis}
+        return [m for m in configured if m in seen] + sorted(seen - set(configured))

@@ -29,6 +29,14 @@ def percent(fraction: float) -> str:
     return f"{100 * fraction:.0f}%"
 
 
+def seconds(value: float) -> str:
+    """Seconds: ``42 s``, ``4.2 s``, ``0.42 s``, ``0.042 s``."""
+    for limit, digits in ((10, 0), (1, 1), (0.1, 2)):
+        if value >= limit:
+            return f"{value:.{digits}f} s"
+    return f"{value:.3f} s"
+
+
 def budget(b: float | None) -> str:
     return "-" if b is None else f"{b:g}x"
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from . import findings as claims
-from . import fmt
+from . import fmt, studies
 from .aggregate import Summary
 
 #: A merged model's dense size is shown beside its accuracy when it differs from the budget by more than this.
@@ -58,8 +58,17 @@ def _header(results: dict, results_link: str) -> list[str]:
     ]
     per_combo = results.get("seconds", {})
     if per_combo:
-        lines += ["Time per task and architecture (training included): "
-                  + ", ".join(f"{k} {_duration(v)}" for k, v in per_combo.items()) + ".", ""]
+        lines += [f"Time per task and architecture (training{' and distillation' if results.get('distill') else ''} "
+                  "included): "
+                  + ", ".join(f"{k} {_duration(v)}" for k, v in per_combo.items())
+                  + (f"; the calibration-size axis {_duration(results['axis_seconds'])}"
+                     if results.get("calibration_sizes") and results.get("axis_seconds") is not None else "")
+                  + ".", ""]
+    distilled = studies.distill_seconds(results)
+    if distilled:
+        lines += ["Of that, the distillation students (teacher passes, training and evaluation): "
+                  + ", ".join(f"{k} {_duration(v)}" for k, v in distilled.items())
+                  + f"; {_duration(sum(distilled.values()))} in all.", ""]
     return lines
 
 
@@ -156,7 +165,11 @@ def _combo_section(results: dict, summary: Summary, task: str, arch: str, links:
                         + [""] * (len(budgets) - 1))
         else:
             rows.append([method] + [_accuracy_cell(summary, task, arch, method, b) for b in budgets])
+    rows += studies.distill_rows(summary, task, arch, budgets)
     lines += ["Mean accuracy over both domains by budget (the dense size in brackets where it differs from the "
+              "budget by more than 0.05; the distillation students, `kd-*`, on the pairs they were trained on, see "
+              "[Distillation baseline](#distillation-baseline)):" if summary.distill_combos() else
+              "Mean accuracy over both domains by budget (the dense size in brackets where it differs from the "
               "budget by more than 0.05):", "", fmt.table(["method"] + [fmt.budget(b) for b in budgets], rows), ""]
     detail = []
     for method in methods:
@@ -187,9 +200,13 @@ def _skipped(results: dict) -> list[str]:
 
 
 def render(results: dict, links: dict[str, str], *, results_link: str) -> str:
-    """The Markdown text of BENCHMARKS.md. ``links[task/arch]`` is the relative path of each plot."""
+    """The Markdown text of BENCHMARKS.md. ``links[task/arch]`` is the relative path of each plot,
+    ``links["distillation"]`` and ``links["calibration-sizes"]`` those of the two studies' plots."""
     summary = Summary(results)
-    lines = _header(results, results_link) + _findings(summary) + ["## Results", ""]
+    lines = _header(results, results_link) + _findings(summary)
+    lines += studies.distill_section(results, summary, links.get("distillation"))
+    lines += studies.axis_section(results, summary, links.get("calibration-sizes"))
+    lines += ["## Results", ""]
     for task, arch in summary.combos:
         lines += _combo_section(results, summary, task, arch, links)
     lines += _skipped(results) + _setup(results)

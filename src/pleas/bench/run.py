@@ -3,6 +3,9 @@
 For every selected (task, architecture) and seed pair: train (or load) models A and B, draw the task's
 calibration sample and PLeaS-free's, time the forward floor, then merge with every method at every
 budget it can make, recording accuracy per domain, dense and effective size, wall time and peak memory.
+On the first :attr:`BenchConfig.distill_pairs` seed pairs, each PLeaS merge is also followed by the
+distillation baseline (:mod:`.distill`). After all pairs: PLeaS's time against calibration size on
+resnet18, and the calibration-size axis (:mod:`.calibration_size`).
 Results are plain JSON-ready dicts (see :func:`run_benchmark`).
 """
 from __future__ import annotations
@@ -12,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
 from tqdm.auto import tqdm
 
 from ..api import merge
@@ -19,7 +23,10 @@ from ..errors import MergeInputError, PleasError
 from ..experiments import train
 from ..methods import METHODS
 from .findings import ALLOCATION_BUDGETS, EFFECTIVE_ALLOCATIONS, SPEED_ARCH
+from . import calibration_size
 from . import tasks as task_defs
+from .distill import MAX_EPOCHS as DEFAULT_DISTILL_EPOCHS
+from .distill import DistillSettings, Teacher, train_students
 from .measure import PeakMemory, forward_floor
 
 #: Budgets of the full run and of ``--quick``.
@@ -34,6 +41,13 @@ QUICK_CALIBRATION = 200
 QUICK_SELECTION = (("mnist-halves", "mlp"),)
 #: Batch size of the merges and of the forward floor.
 BATCH_SIZE = 256
+#: The merges the distillation students continue from, and how many seed pairs get students (the first ones).
+DISTILL_METHOD = "pleas"
+DISTILL_PAIRS = 1
+#: Distillation epoch caps by architecture (others: distill.MAX_EPOCHS), set by cost: the students of the
+#: two ResNets take most of the distillation's time. ``--quick`` caps every student at QUICK_DISTILL_EPOCHS.
+DISTILL_EPOCHS = {"resnet18": 12, "resnet20": 20}
+QUICK_DISTILL_EPOCHS = 3
 
 
 @dataclass(frozen=True)
@@ -96,6 +110,10 @@ class BenchConfig:
     quick: bool = False
     epochs: int | None = None
     batch_size: int = BATCH_SIZE
+    distill_pairs: int = DISTILL_PAIRS
+    distill_epochs: int | None = None
+    calibration_sizes: list[int] = field(default_factory=lambda: list(calibration_size.SIZES))
+    calibration_archs: list[str] = field(default_factory=lambda: list(calibration_size.ARCHS))
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in BENCH_METHODS]
@@ -105,21 +123,36 @@ class BenchConfig:
         if bad:
             raise MergeInputError(f"budgets {bad} are out of range; allowed: numbers >= 1 (1x = one source model)")
         for name, value, low in (("seed pairs", self.seed_pairs, 1), ("calibration", self.calibration, 2),
-                                 ("batch size", self.batch_size, 1)):
+                                 ("batch size", self.batch_size, 1), ("distill pairs", self.distill_pairs, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise MergeInputError(f"{name}={value!r}; allowed: an integer >= {low}")
-        if self.epochs is not None and (isinstance(self.epochs, bool) or not isinstance(self.epochs, int)
-                                        or self.epochs < 1):
-            raise MergeInputError(f"epochs={self.epochs!r}; allowed: a positive integer")
+        for name, value in (("epochs", self.epochs), ("distill epochs", self.distill_epochs)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise MergeInputError(f"{name}={value!r}; allowed: a positive integer")
+        bad = [n for n in self.calibration_sizes if isinstance(n, bool) or not isinstance(n, int) or n < 2]
+        if bad:
+            raise MergeInputError(f"calibration sizes {bad} are out of range; allowed: integers >= 2")
+        unknown = [a for a in self.calibration_archs if a not in task_defs.all_archs()]
+        if unknown:
+            raise MergeInputError(f"unknown calibration-size architecture(s) {unknown}; allowed: {task_defs.all_archs()}")
 
     def epochs_for(self, task: str, arch: str) -> int:
         setup = task_defs.TASKS[task].archs[arch]
         return self.epochs or (setup.quick_epochs if self.quick else setup.epochs)
 
+    def distill_epochs_for(self, arch: str) -> int:
+        """The distillation's epoch cap for ``arch``."""
+        if self.distill_epochs is not None:
+            return self.distill_epochs
+        return QUICK_DISTILL_EPOCHS if self.quick else DISTILL_EPOCHS.get(arch, DEFAULT_DISTILL_EPOCHS)
+
     def to_json(self) -> dict:
         return {"selection": [list(p) for p in self.selection], "seed_pairs": self.seed_pairs,
                 "budgets": list(self.budgets), "methods": list(self.methods), "calibration": self.calibration,
-                "quick": self.quick, "epochs": self.epochs, "batch_size": self.batch_size}
+                "quick": self.quick, "epochs": self.epochs, "batch_size": self.batch_size,
+                "distill_pairs": self.distill_pairs,
+                "distill_epochs": {a: self.distill_epochs_for(a) for a in dict.fromkeys(a for _, a in self.selection)},
+                "calibration_sizes": list(self.calibration_sizes), "calibration_archs": list(self.calibration_archs)}
 
 
 def make_config(*, tasks: list[str] | None = None, archs: list[str] | None = None, quick: bool = False,
@@ -132,7 +165,9 @@ def make_config(*, tasks: list[str] | None = None, archs: list[str] | None = Non
         selection = task_defs.select(tasks, archs)
     values: dict[str, Any] = {"selection": selection, "quick": quick}
     if quick:
-        values.update(seed_pairs=1, budgets=list(QUICK_BUDGETS), calibration=QUICK_CALIBRATION)
+        values.update(seed_pairs=1, budgets=list(QUICK_BUDGETS), calibration=QUICK_CALIBRATION,
+                      calibration_sizes=list(calibration_size.QUICK_SIZES),
+                      calibration_archs=list(dict.fromkeys(a for _, a in selection)))
     values.update({k: v for k, v in overrides.items() if v is not None})
     return BenchConfig(**values)
 
@@ -164,14 +199,44 @@ def _accuracies(model, task: task_defs.Task, tests) -> dict[str, float]:
             for i, (domain, test) in enumerate(zip(task.domains, tests))}
 
 
+def _is_1x(budget: float | None) -> bool:
+    return budget is not None and abs(budget - 1.0) < 1e-9
+
+
+def _students(config: BenchConfig, task: task_defs.Task, merge_record: dict, model, a, b, data, teacher: Teacher,
+              tests, bar: tqdm) -> list[dict]:
+    """The distillation students that follow one PLeaS merge (``model``, trained in place): kd-pleas, and
+    at 1x kd-source too. Each record holds the merge's accuracy and seconds beside the student's."""
+    where = {k: merge_record[k] for k in ("task", "arch", "pair")}
+    bar.set_postfix_str(f"{where['task']}/{where['arch']} pair {where['pair']}: distillation from "
+                        f"{merge_record['method']} {merge_record['budget']:g}", refresh=True)
+    settings = DistillSettings(max_epochs=config.distill_epochs_for(where["arch"]), seed=where["pair"])
+    trained = train_students(
+        model, a.model, b.model, data, teacher, time_budget=merge_record["seconds"], settings=settings,
+        with_source=_is_1x(merge_record["budget"]), evaluate=lambda m: _evaluation(m, task, tests))
+    records = [{**where, "student": label, "budget": merge_record["budget"], "dense": merge_record["dense"],
+                "merge_acc": merge_record["acc"], "merge_mean_acc": merge_record["mean_acc"],
+                "merge_seconds": merge_record["seconds"], "teacher_seconds": teacher.seconds,
+                "threads": torch.get_num_threads(), **record}
+               for label, record in trained.items()]
+    bar.update(len(records))
+    return records
+
+
+def _evaluation(model, task: task_defs.Task, tests) -> dict:
+    acc = _accuracies(model, task, tests)
+    return {"acc": acc, "mean_acc": sum(acc.values()) / len(acc)}
+
+
 def run_pair(config: BenchConfig, task_name: str, arch: str, pair: int, bar: tqdm,
              log: Callable[[str], None]) -> dict[str, list[dict]]:
-    """Everything measured on one seed pair of one (task, arch): its source, floor, merge and skip records."""
+    """Everything measured on one seed pair of one (task, arch): its source, floor, merge, skip and
+    distillation records."""
     task = task_defs.TASKS[task_name]
     where = {"task": task_name, "arch": arch, "pair": pair}
     a, b = task_defs.source_models(task, arch, pair, config.epochs_for(task_name, arch), log)
     tests = (a.test_set, b.test_set)
-    records: dict[str, list[dict]] = {"sources": [], "floors": [], "merges": [], "skipped": []}
+    records: dict[str, list[dict]] = {"sources": [], "floors": [], "merges": [], "skipped": [], "distill": []}
     for name, source, seed in zip("AB", (a, b), task_defs.pair_seeds(pair)):
         if task.heads == "shared":
             acc = {d.label: train.evaluate(source.model, t) for d, t in zip(task.domains, tests)}
@@ -190,6 +255,7 @@ def run_pair(config: BenchConfig, task_name: str, arch: str, pair: int, bar: tqd
 
     runs, skipped = plan_merges(config.methods, config.budgets)
     records["skipped"] += [{**where, **s} for s in skipped]
+    teacher: Teacher | None = None
     for label, budget in runs:
         setup = BENCH_METHODS[label]
         bar.set_postfix_str(f"{task_name}/{arch} pair {pair}: {label} {budget or ''}", refresh=True)
@@ -216,6 +282,11 @@ def run_pair(config: BenchConfig, task_name: str, arch: str, pair: int, bar: tqd
         )
         records["merges"].append(record)
         bar.update(1)
+        if label == DISTILL_METHOD and pair < config.distill_pairs:
+            teacher = teacher or Teacher.of(a.model, b.model, calibration["task"], task.heads,
+                                            batch_size=config.batch_size)
+            records["distill"] += _students(config, task, record, result.model, a, b, calibration["task"], teacher,
+                                            tests, bar)
     return records
 
 
@@ -255,14 +326,47 @@ def count_merges(config: BenchConfig) -> int:
     return len(runs) * config.seed_pairs * len(config.selection)
 
 
+def count_students(config: BenchConfig) -> int:
+    """Distillation students of the run: per distilled pair, one per PLeaS budget and one more at 1x."""
+    runs, _ = plan_merges(config.methods, config.budgets)
+    budgets = [b for label, b in runs if label == DISTILL_METHOD]
+    per_pair = len(budgets) + sum(1 for b in budgets if _is_1x(b))
+    return per_pair * min(config.distill_pairs, config.seed_pairs) * len(config.selection)
+
+
+def calibration_plan(config: BenchConfig) -> tuple[list[tuple[str, str]], list[str]]:
+    """The (task, arch) pairs and method labels of the calibration-size axis (none in a run without sizes)."""
+    if not config.calibration_sizes:
+        return [], []
+    return calibration_size.plan(config.selection, config.calibration_archs, config.methods)
+
+
+def count_runs(config: BenchConfig) -> int:
+    """Merges, distillation students and calibration-size merges: the progress bar's total."""
+    combos, methods = calibration_plan(config)
+    return (count_merges(config) + count_students(config)
+            + calibration_size.count_runs(combos, methods, config.calibration_sizes))
+
+
+def calibration_axis(config: BenchConfig, bar: tqdm, log: Callable[[str], None]) -> list[dict]:
+    """The calibration-size axis of ``config`` (see :mod:`.calibration_size`)."""
+    combos, methods = calibration_plan(config)
+    if not combos or not methods:
+        return []
+    return calibration_size.run_axis(
+        combos, methods, config.calibration_sizes, epochs_for=config.epochs_for, setups=BENCH_METHODS,
+        evaluate=_accuracies, batch_size=config.batch_size, bar=bar, log=log)
+
+
 def run_benchmark(config: BenchConfig, *, progress: bool = True, log: Callable[[str], None] | None = None,
                   on_update: Callable[[dict], None] | None = None) -> dict:
     """Run every merge of ``config``; returns ``{"config", "sources", "floors", "merges", "skipped",
-    "seconds"}`` (``seconds``: per "task/arch", wall time including training). ``on_update(results)`` is
-    called after each (task, arch) with the results so far (e.g. to save them)."""
+    "distill", "seconds", "speed", "calibration_sizes", "axis_seconds"}`` (``seconds``: per "task/arch",
+    wall time including training and distillation; ``axis_seconds``: the calibration-size axis's).
+    ``on_update(results)`` is called after each (task, arch) with the results so far (e.g. to save them)."""
     results: dict[str, Any] = {"config": config.to_json(), "sources": [], "floors": [], "merges": [],
-                               "skipped": [], "seconds": {}}
-    bar = tqdm(total=count_merges(config), desc="pleas bench", unit="merge", disable=not progress, dynamic_ncols=True)
+                               "skipped": [], "distill": [], "seconds": {}}
+    bar = tqdm(total=count_runs(config), desc="pleas bench", unit="run", disable=not progress, dynamic_ncols=True)
     log = log or (lambda text: tqdm.write(text, file=sys.stderr))
     try:
         for task_name, arch in config.selection:
@@ -275,6 +379,9 @@ def run_benchmark(config: BenchConfig, *, progress: bool = True, log: Callable[[
                 on_update(results)
         bar.set_postfix_str("PLeaS time against calibration size", refresh=True)
         results["speed"] = speed_scaling(config, log)
+        start = time.perf_counter()
+        results["calibration_sizes"] = calibration_axis(config, bar, log)
+        results["axis_seconds"] = time.perf_counter() - start
     finally:
         bar.close()
     return results

@@ -23,7 +23,7 @@ from ..errors import MergeInputError
 from ..files import atomic_write
 from . import plots, report
 from . import tasks as task_defs
-from .run import BENCH_METHODS, BenchConfig, count_merges, run_benchmark
+from .run import BENCH_METHODS, BenchConfig, calibration_plan, count_merges, count_students, run_benchmark
 
 RESULTS_FORMAT = 1
 
@@ -125,8 +125,10 @@ def run_suite(config: BenchConfig, out: str | os.PathLike, *, command: str, prog
     after each task and architecture, so an interrupted run keeps what it measured."""
     paths = OutputPaths.under(out)
     log = log or (lambda text: print(text, file=sys.stderr, flush=True))
+    combos, _ = calibration_plan(config)
     log(f"pleas bench: {count_merges(config)} merges over {len(config.selection)} task/architecture pairs x "
-        f"{config.seed_pairs} seed pair(s); writing {paths.report} and {paths.plots}/")
+        f"{config.seed_pairs} seed pair(s), {count_students(config)} distillation students, the calibration-size "
+        f"axis on {len(combos)} pair(s); writing {paths.report} and {paths.plots}/")
     started = time.perf_counter()
     results = {
         "format": RESULTS_FORMAT,

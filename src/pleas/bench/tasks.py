@@ -153,6 +153,12 @@ def source_models(task: Task, arch: str, pair: int, epochs: int,
     )
 
 
+def calibration_cap(a: Source, b: Source) -> int:
+    """The largest calibration size :func:`task_calibration` can draw: A gives ``n // 2`` samples and B
+    ``(n + 1) // 2``, each at most its training split."""
+    return min(2 * len(a.train_set) + 1, 2 * len(b.train_set))
+
+
 def task_calibration(a: Source, b: Source, n: int, seed: int) -> Tensor:
     """``n`` calibration inputs from the task's own training data: half from each model's training
     split (first half from A's), sampled without replacement with ``seed``."""
