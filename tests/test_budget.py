@@ -28,7 +28,7 @@ def test_size_function_matches_the_built_model(resnet_pair):
     gen = torch.Generator().manual_seed(0)
     for trial in range(3):
         counts = {g.name: int(torch.randint(0, g.width + 1, (1,), generator=gen)) for g in spec}
-        result = pleas.merge(a, b, x, method="rebasin", merge_counts=counts, budget=3.0, reset_norms=False, progress=False)
+        result = pleas.merge(a, b, x, method="rebasin", merge_counts=counts, budget=3.0, norm_stats="sources", progress=False)
         widths = {g.name: 2 * g.width - counts[g.name] for g in spec}
         built = sum(t.numel() for t in result.model.state_dict().values() if t.dtype.is_floating_point)
         assert sizes.measure("params", widths) == built
@@ -51,7 +51,7 @@ def test_effective_size_matches_the_built_models_zero_blocks(resnet_pair):
     gen = torch.Generator().manual_seed(5)
     for trial in range(3):
         counts = {g.name: int(torch.randint(0, g.width + 1, (1,), generator=gen)) for g in spec}
-        result = pleas.merge(a, b, x, method="rebasin", merge_counts=counts, budget=3.0, reset_norms=False, progress=False)
+        result = pleas.merge(a, b, x, method="rebasin", merge_counts=counts, budget=3.0, norm_stats="sources", progress=False)
         widths = {g.name: 2 * g.width - counts[g.name] for g in spec}
         state = result.model.state_dict()
         zeros = {k: int((t == 0).sum()) for k, t in state.items() if t.dim() >= 2}  # random weights: no other zeros

@@ -82,7 +82,7 @@ def test_rebasin_with_permuted_self_returns_the_model(factory, shape, matching):
     x = torch.randn(*shape)
     spec = pleas.build_spec(a, x[:2])
     b = pleas.build_model(a, pleas.permute_state_dict(a.state_dict(), spec, spec.random_permutations(5)))
-    merged = pleas.merge(a, b, x, method="rebasin", matching=matching, reset_norms=False, progress=False).model
+    merged = pleas.merge(a, b, x, method="rebasin", matching=matching, norm_stats="sources", progress=False).model
     with torch.no_grad():
         assert_close(merged(x), a(x))
 
@@ -241,7 +241,7 @@ def test_zipit_partial_zipping_meets_the_budget(budget):
     assert stage == sorted(stage) and stage.count(1) <= 1
     # tight: one more unit in the last zipped group would exceed the budget
     job = prepare([a, b], x, budget=budget, heads="shared", matching="activation", seed=0, device="cpu",
-                  dtype=torch.float32, batch_size=256, reset_norms=True, progress=False)
+                  dtype=torch.float32, batch_size=256, norm_stats="auto", progress=False)
     widths = {g["name"]: g["merged_width"] for g in result.report["groups"]}
     boundary = next((g for g in reversed(result.report["groups"]) if g["merged_width"] < 2 * g["width"]), None)
     if boundary is not None and budget < job.max_budget():
@@ -256,7 +256,7 @@ def test_zipit_at_full_size_is_the_ensemble():
     x = torch.randn(16, 3, 16, 16)
     full = pleas.merge(a, b, x, method="ensemble", progress=False).report["size"]["relative_dense"]
     assert full > 2.0  # dense layers hold the zero cross blocks
-    merged = pleas.merge(a, b, x, method="zipit", budget=full, reset_norms=False, progress=False).model
+    merged = pleas.merge(a, b, x, method="zipit", budget=full, norm_stats="sources", progress=False).model
     with torch.no_grad():
         assert_close(merged(x), (a(x) + b(x)) / 2)
 
@@ -286,7 +286,7 @@ def test_explicit_merge_counts_give_the_pleas_layout():
     a, b = _pair(VGGBN)
     x = torch.randn(16, 3, 16, 16)
     counts = {"features.0": 3, "features.3": 8, "features.7": 0, "classifier.1": 32}
-    result = pleas.merge(a, b, x, method="rebasin", merge_counts=counts, budget=2.0, reset_norms=False, progress=False)
+    result = pleas.merge(a, b, x, method="rebasin", merge_counts=counts, budget=2.0, norm_stats="sources", progress=False)
     assert result.merge_counts == counts
     w = result.model.state_dict()["features.3.weight"]  # out: features.3 (8 merged), in: features.0 (3 merged)
     assert w.shape[:2] == (8, 13)
@@ -314,7 +314,7 @@ def test_effective_size_excludes_exactly_the_zero_blocks():
     a, b = _pair(MLP)
     x = torch.randn(64, 20)
     counts = {"body.0": 10, "body.2": 12, "body.4": 20}
-    result = pleas.merge(a, b, x, method="rebasin", merge_counts=counts, budget=2.0, reset_norms=False, progress=False)
+    result = pleas.merge(a, b, x, method="rebasin", merge_counts=counts, budget=2.0, norm_stats="sources", progress=False)
     zeros = sum(int((t == 0).sum()) for t in result.model.state_dict().values())
     size = result.report["size"]
     assert size["merged_params"] - size["effective_params"] == zeros  # random weights: no other exact zeros

@@ -13,7 +13,7 @@ def test_random_permutation_of_every_group_keeps_outputs(model_and_input):
     model, x = model_and_input
     spec = pleas.build_spec(model, x)
     perms = spec.random_permutations(seed=1)
-    assert all(not torch.equal(p, torch.arange(len(p))) for p in perms.values() if len(p) > 2)
+    assert all(not torch.equal(p, torch.arange(len(p))) for p in perms.values() if len(p) > 8)
     permuted = pleas.build_model(model, pleas.permute_state_dict(model.state_dict(), spec, perms)).eval()
     with torch.no_grad():
         assert_close(model(x), permuted(x))

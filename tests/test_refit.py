@@ -81,7 +81,7 @@ def test_refit_keeps_the_exact_ensemble(heads):
     x = torch.randn(32, 3, 16, 16)
     counts = {g.name: 0 for g in pleas.build_spec(a, x[:2])}
     result = pleas.merge(a, b, x, method="pleas", merge_counts=counts, budget=3.0, heads=heads,
-                         reset_norms=False, ridge=0.0, progress=False)
+                         norm_stats="sources", ridge=0.0, progress=False)
     with torch.no_grad():
         if heads == "shared":
             assert_close(result.model(x), (a(x) + b(x)) / 2, rel=1e-3)
@@ -161,26 +161,34 @@ def test_targets_sampled_in_another_pass_give_the_same_refit():
 
 
 def test_propagated_refit_sets_exact_batchnorm_statistics():
-    """Each BatchNorm ends with the mean and variance of its inputs over all the calibration data,
-    as the merged model with the refitted layers before it produces them."""
+    """Each BatchNorm ends with the mean and variance of its inputs over all the calibration data, as the
+    merged model with the refitted layers before it produces them, shrunk toward the statistics the merge
+    carried over by PRIOR_SAMPLES samples' worth."""
+    from pleas.norms.reset import PRIOR_SAMPLES
+
     a, b = _pair(VGGBN)
     x = torch.randn(96, 3, 16, 16)
     spec, maps, merged = _identity_merge(a, b, x)
+    norms = [m for m in merged.modules() if isinstance(m, nn.BatchNorm2d)]
+    prior = {m: (m.running_mean.clone(), m.running_var.clone()) for m in norms}
     refit([a, b], merged, spec, maps, Calibration(x, batch_size=40), RefitOptions(inputs="propagated", progress=False))
     seen = {}
 
     def keep_input(module, inputs, output):  # returns None: the output stays as it is
         seen[module] = inputs[0]
 
-    handles = [m.register_forward_hook(keep_input) for m in merged.modules() if isinstance(m, nn.BatchNorm2d)]
+    handles = [m.register_forward_hook(keep_input) for m in norms]
     with torch.no_grad():
         merged(x)
     for h in handles:
         h.remove()
-    assert seen
+    assert len(seen) == len(norms) > 0
     for norm, inp in seen.items():
-        torch.testing.assert_close(norm.running_mean, inp.mean((0, 2, 3)), atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(norm.running_var, inp.var((0, 2, 3)), atol=1e-5, rtol=1e-4)
+        count = inp.numel() // inp.shape[1]
+        w = count / (count + PRIOR_SAMPLES)
+        mean0, var0 = prior[norm]
+        torch.testing.assert_close(norm.running_mean, w * inp.mean((0, 2, 3)) + (1 - w) * mean0, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(norm.running_var, w * inp.var((0, 2, 3)) + (1 - w) * var0, atol=1e-5, rtol=1e-4)
 
 
 def test_propagated_refit_memory_cap_uses_the_first_batches():

@@ -38,7 +38,7 @@ def merge(
     dtype: torch.dtype | None = None,
     batch_size: int = 256,
     budget_metric: str = "params",
-    reset_norms: bool = True,
+    norm_stats: str = "auto",
     progress: bool = True,
     **options: Any,
 ) -> MergeResult:
@@ -62,6 +62,10 @@ def merge(
             its head; the merged forward returns a tuple).
         matching: ``"activation"`` (correlation of activations), ``"weight"`` (Git Re-Basin) or
             ``"identity"`` (unit i with unit i: no alignment).
+        norm_stats: where the merged model's running norm statistics come from: ``"data"`` (recomputed
+            on the calibration data, REPAIR-style), ``"sources"`` (the sources' stored statistics carried
+            through the merge), or ``"auto"``: "data" when the calibration data's statistics agree with the
+            sources' stored ones, else "sources" (pleas.norms.observe; the report says which and why).
         seed: makes every random choice reproducible.
         device, dtype: where and in which floating dtype the merge runs; ``dtype=None`` keeps the models'
             own (float32 if they mix dtypes). The merged model has that dtype.
@@ -79,7 +83,7 @@ def merge(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         setup = prepare([model_a, model_b], data, budget=budget, heads=heads, matching=matching, seed=seed,
-                        device=device, dtype=dtype, batch_size=batch_size, reset_norms=reset_norms, progress=progress,
+                        device=device, dtype=dtype, batch_size=batch_size, norm_stats=norm_stats, progress=progress,
                         budget_metric=budget_metric)
         if algo.uses_budget:
             setup.check_budget()
@@ -100,6 +104,7 @@ def merge(
         "heads": heads,
         "matching": matching,
         "seed": seed,
+        "norm_stats": norm_stats,
         "dtype": str(setup.dtype).replace("torch.", ""),
         "calibration_samples": setup.data.samples(),
         "size": size_report(setup, built, outcome.model, model_a, zero_blocks(setup, built) if built.model is not None else {}),

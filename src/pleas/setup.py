@@ -19,6 +19,7 @@ from .rewrite.maps import GroupMap, ensemble_map
 
 HEADS = ("shared", "separate")
 MATCHINGS = ("activation", "weight", "identity")
+NORM_STATS = ("auto", "data", "sources")
 
 
 @dataclass
@@ -34,7 +35,7 @@ class MergeSetup:
     heads: str = "shared"
     matching: str = "activation"
     seed: int = 0
-    reset_norms: bool = True
+    norm_stats: str = "auto"
     progress: bool = True
     budget_metric: str = "params"
     batches: list = field(default_factory=list, repr=False)
@@ -144,6 +145,15 @@ def check_finite(state_dict: dict[str, torch.Tensor], label: str) -> None:
             raise MergeInputError(f"{label} has NaN or infinite values in {k!r}; refusing to merge")
 
 
+def _constant(batches: list) -> bool:
+    """Whether every calibration sample equals the first (data identity, so an exact comparison)."""
+    def tensors(batch):
+        return [batch] if isinstance(batch, torch.Tensor) else [v for v in batch.values() if isinstance(v, torch.Tensor)]
+
+    first = [t[:1] for t in tensors(batches[0])]
+    return all(bool((t == f).all()) for batch in batches for t, f in zip(tensors(batch), first))
+
+
 def _example(batch: Any, n: int = 2) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch[:n]
@@ -156,7 +166,7 @@ def _model_dtype(model: nn.Module) -> torch.dtype | None:
 
 
 def prepare(models: list[nn.Module], data: Any, *, budget: float, heads: str, matching: str, seed: int,
-            device: str | torch.device, dtype: torch.dtype | None, batch_size: int, reset_norms: bool,
+            device: str | torch.device, dtype: torch.dtype | None, batch_size: int, norm_stats: str,
             progress: bool, budget_metric: str = "params", labels: list[str] | None = None) -> MergeSetup:
     """Validate the inputs once, copy and capture the models (each exactly once), and return the setup."""
     labels = labels or [f"model_{chr(ord('a') + i)}" for i in range(len(models))]
@@ -166,6 +176,8 @@ def prepare(models: list[nn.Module], data: Any, *, budget: float, heads: str, ma
         raise MergeInputError(f"heads={heads!r}; allowed: {HEADS}")
     if matching not in MATCHINGS:
         raise MergeInputError(f"matching={matching!r}; allowed: {MATCHINGS}")
+    if norm_stats not in NORM_STATS:
+        raise MergeInputError(f"norm_stats={norm_stats!r}; allowed: {NORM_STATS}")
     for label, m in zip(labels, models):
         check_model(m, label)
     for label, m in zip(labels[1:], models[1:]):
@@ -203,9 +215,14 @@ def prepare(models: list[nn.Module], data: Any, *, budget: float, heads: str, ma
             raise MergeInputError(f"{labels[0]} and {label} have the same tensors but different graphs (forward differs)")
     graph = analyze(programs[0])
     graph.spec.require_groups()
+    samples = calib.samples()
+    if samples < 2 or _constant(calib.batches()):
+        warnings.warn(f"pleas: the calibration data holds {'one sample' if samples < 2 else 'one input repeated'}: "
+                      "statistics from it say nothing about other inputs; pass varied inputs from the models' "
+                      "domains (hundreds or more)", stacklevel=3)
     if heads == "separate" and not graph.spec.outputs:
         raise MergeInputError("heads='separate' needs an output layer of its own (e.g. a Linear classifier)")
     for note in graph.spec.notes:
         warnings.warn(f"pleas: {note}", stacklevel=3)
-    return MergeSetup(copies, programs, graph, calib, float(budget), heads, matching, seed, reset_norms, progress,
+    return MergeSetup(copies, programs, graph, calib, float(budget), heads, matching, seed, norm_stats, progress,
                       budget_metric, calib.batches(), dtype, own)

@@ -196,19 +196,19 @@ def fitting_batches(program: Program, batches: list, max_bytes: int) -> list:
     batches = list(batches)
     first = batches[0]
     probe = _head(first, PROBE_SAMPLES)
-    size = _batch_size(probe)
+    size = batch_size(probe)
     per_sample = Walk(program, [probe]).peak_live_bytes() / max(size, 1)
-    budget = max(int(max_bytes // max(per_sample, 1.0)), _batch_size(first))
-    out, used = [first], _batch_size(first)
+    budget = max(int(max_bytes // max(per_sample, 1.0)), batch_size(first))
+    out, used = [first], batch_size(first)
     for x in batches[1:]:
-        if used + _batch_size(x) > budget:
+        if used + batch_size(x) > budget:
             break
         out.append(x)
-        used += _batch_size(x)
+        used += batch_size(x)
     return out
 
 
-def _batch_size(batch) -> int:
+def batch_size(batch) -> int:
     args, kwargs = as_call(batch)
     first = next(v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor))
     return first.shape[0]

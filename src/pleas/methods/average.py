@@ -13,5 +13,6 @@ class Average(Method):
     def run(self, setup):
         counts = {g.name: g.width for g in setup.spec}
         built = stages.build(setup, stages.partial_maps(setup.spec, Matching.identity(setup.spec), counts))
-        stages.reset_norms(setup, built)
-        return Outcome(stages.finished(setup, built), built)
+        norms = stages.norm_decision(setup)
+        stages.reset_norms(setup, built, norms)
+        return Outcome(stages.finished(setup, built), built, norms)

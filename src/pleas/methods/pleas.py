@@ -54,11 +54,11 @@ class PLeaS(Method):
                "pre-activations (no statistics reset then)"),
     )
 
-    def refit_options(self, setup) -> RefitOptions:
+    def refit_options(self, setup, reset: bool = True) -> RefitOptions:
         o = self.opts
         return RefitOptions(ridge=o["ridge"], mask=o["mask"], oversample=o["oversample"], min_rows=o["min_rows"],
                             method=o["refit"], inputs=o["inputs"], adam_steps=o["adam_steps"], adam_lr=o["adam_lr"],
-                            seed=setup.seed, reset_norms=setup.reset_norms and not o["fold_bn"],
+                            seed=setup.seed, reset_norms=reset and not o["fold_bn"],
                             progress=setup.progress)
 
     def run(self, setup):
@@ -71,13 +71,16 @@ class PLeaS(Method):
             setup = folded(setup)
         options = self.refit_options(setup)
         sampler = stages.target_sampler(setup, options) if options.inputs == "propagated" else None
+        observer = stages.norm_observer(setup)
         maps, allocation = aligned_partial_merge(setup, self.opts["allocation"], self.opts["merge_counts"],
-                                                 observers=(sampler,) if sampler else ())
+                                                 observers=tuple(o for o in (sampler, observer) if o))
+        norms = stages.norm_decision(setup, observer)
+        options = self.refit_options(setup, reset=norms["norm_stats"] == "data")
         built = stages.build(setup, maps)
         entries = stages.refit(setup, built, options, sampler)
         if options.reset_norms and options.inputs == "teacher":  # the propagated refit sets them as it goes
-            stages.reset_norms(setup, built)
-        report = {"refit": entries}
+            stages.reset_norms(setup, built, norms)
+        report = {"refit": entries, **norms}
         if allocation:
             report["allocation"] = allocation
         return Outcome(stages.finished(setup, built), built, report)

@@ -33,8 +33,11 @@ class Rebasin(Method):
     options = ALIGN_OPTIONS
 
     def run(self, setup):
-        maps, allocation = aligned_partial_merge(setup, self.opts["allocation"], self.opts["merge_counts"])
+        observer = stages.norm_observer(setup)
+        maps, allocation = aligned_partial_merge(setup, self.opts["allocation"], self.opts["merge_counts"],
+                                                 observers=(observer,) if observer else ())
         built = stages.build(setup, maps)
-        stages.reset_norms(setup, built)
-        report = {"allocation": allocation} if allocation else {}
+        norms = stages.norm_decision(setup, observer)
+        stages.reset_norms(setup, built, norms)
+        report = {"allocation": allocation, **norms} if allocation else dict(norms)
         return Outcome(stages.finished(setup, built), built, report)

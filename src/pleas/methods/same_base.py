@@ -54,5 +54,6 @@ def same_base_merge(setup, base: dict[str, torch.Tensor], combine) -> Outcome:
     with torch.no_grad():
         for k in keys:
             params[k].copy_((base[k].double() + delta[k]).to(params[k]))
-    stages.reset_norms(setup, built)
-    return Outcome(stages.finished(setup, built), built)
+    norms = stages.norm_decision(setup)
+    stages.reset_norms(setup, built, norms)
+    return Outcome(stages.finished(setup, built), built, norms)

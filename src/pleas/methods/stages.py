@@ -19,6 +19,9 @@ from ..groups import ModelGraph, PermutationSpec, analyze
 from ..matching import Matching, activation_matching, weight_matching
 from ..rewrite import GroupMap, build_model, ensemble_map, partial_merge_map, resized, target_spec, transform_state_dicts
 from ..rewrite.heads import SeparateHeads
+import warnings
+
+from ..norms.observe import NormObserver, agreement
 from ..norms.reset import reset_statistics
 from ..refit import RefitOptions, TargetSampler, refit_layers, refit_propagated, refit_teacher
 from ..setup import MergeSetup
@@ -189,9 +192,40 @@ def refit(setup: MergeSetup, built: Built, options: RefitOptions, sampler: Targe
     return refit_teacher(setup.programs, layers, built.maps, setup.batches, params, options)
 
 
-def reset_norms(setup: MergeSetup, built: Built) -> int:
-    """Recompute the merged model's norm statistics on the calibration data (REPAIR-style)."""
-    if not setup.reset_norms:
+def norm_observer(setup: MergeSetup) -> NormObserver | None:
+    """The observer of the sources' norm inputs that ``norm_stats="auto"`` decides with (None when there is
+    nothing to decide): give it to the method's pass over the sources."""
+    if setup.norm_stats != "auto" or not setup.graph.norms:
+        return None
+    return NormObserver(setup.graph.norms)
+
+
+def norm_decision(setup: MergeSetup, observer: NormObserver | None = None) -> dict:
+    """Where the merged model's norm statistics come from: {"norm_stats": "data" | "sources" | "none",
+    "norm_stats_reason": ...}. With "auto", "data" when the calibration data's statistics at the sources'
+    norms agree with their stored ones (:mod:`pleas.norms.observe`), else "sources", with a warning."""
+    if not setup.graph.norms:
+        return {"norm_stats": "none", "norm_stats_reason": "the model has no running norm statistics"}
+    if setup.norm_stats != "auto":
+        return {"norm_stats": setup.norm_stats, "norm_stats_reason": "asked for"}
+    if observer is None or not observer.sums:
+        observer = NormObserver(setup.graph.norms)
+        source_pass(setup.programs, setup.batches, [observer], progress=setup.progress, desc="norm statistics")
+    found = agreement(observer, setup.state_dicts)
+    if found.agrees:
+        return {"norm_stats": "data", "norm_stats_reason": f"the calibration data matches the sources' stored "
+                                                             f"statistics ({found.describe()})"}
+    warnings.warn(f"pleas: the calibration data's statistics differ from those the sources store ({found.describe()}): "
+                  "the merged model keeps the sources' norm statistics (norm_stats='sources'); pass "
+                  "norm_stats='data' to recompute them on this data", stacklevel=3)
+    return {"norm_stats": "sources", "norm_stats_reason": f"the calibration data differs from the sources' stored "
+                                                          f"statistics ({found.describe()})"}
+
+
+def reset_norms(setup: MergeSetup, built: Built, decision: dict) -> int:
+    """Recompute the merged model's norm statistics on the calibration data (REPAIR-style) when
+    ``decision`` (:func:`norm_decision`) says so."""
+    if decision["norm_stats"] != "data":
         return 0
     graph = built.graph(setup)
     if not graph.norms:
@@ -232,5 +266,6 @@ def zero_blocks(setup: MergeSetup, built: Built) -> dict[str, int]:
 
 
 __all__ = ["ALLOCATIONS", "Built", "build", "default_allocation", "ensemble_maps", "finished", "group_sensitivity",
-           "match", "merge_counts", "merged_widths", "needs_moments", "partial_maps", "refit", "reset_norms",
+           "match", "merge_counts", "merged_widths", "needs_moments", "norm_decision", "norm_observer", "partial_maps",
+           "refit", "reset_norms",
            "source_statistics", "target_sampler", "zero_blocks"]

@@ -58,7 +58,8 @@ class ZipIt(Method):
             )
         n = setup.n
         widths = zip_widths(setup)
-        moments = stages.source_statistics(setup, moments="full")
+        observer = stages.norm_observer(setup)
+        moments = stages.source_statistics(setup, moments="full", observers=(observer,) if observer else ())
         maps = {}
         for g in setup.spec:
             if widths[g.name] < n * g.width:
@@ -67,5 +68,6 @@ class ZipIt(Method):
             else:
                 maps[g.name] = ensemble_map(g.width, n)
         built = stages.build(setup, maps)
-        stages.reset_norms(setup, built)
-        return Outcome(stages.finished(setup, built), built)
+        norms = stages.norm_decision(setup, observer)
+        stages.reset_norms(setup, built, norms)
+        return Outcome(stages.finished(setup, built), built, norms)

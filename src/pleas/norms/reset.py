@@ -3,15 +3,24 @@
 activations, in graph order, each before the norm normalises with it."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 from tqdm.auto import tqdm
 
 from ..capture import Program, Walk, fitting_batches
 
 
+#: Weight, in samples, of the statistics a merge carried over when they are recomputed on data.
+PRIOR_SAMPLES = 16
+#: A channel whose variance on the data is below this share of the carried-over one is taken as flat.
+FLAT = 1e-3
+
+
 def set_norm_statistics(norm, xs: list[torch.Tensor], params: dict) -> None:
     """Set ``norm``'s running mean and (unbiased) variance to those of its inputs ``xs`` (one tensor per
-    batch; sums in float64 across batches). Fewer than two samples leave them as they are."""
+    batch; sums in float64 across batches), shrunk toward the current ones by :data:`PRIOR_SAMPLES`.
+    Fewer than two samples leave them as they are."""
     dims = [d for d in range(xs[0].dim()) if d != norm.dim]
     shape = [-1 if d == norm.dim else 1 for d in range(xs[0].dim())]
     # Sums of x - shift in float32 per batch (the shift, a rough per-channel mean, removes the
@@ -25,10 +34,20 @@ def set_norm_statistics(norm, xs: list[torch.Tensor], params: dict) -> None:
         count += x.numel() // x.shape[norm.dim]
     if count < 2:
         return
-    mean = total / count
-    var = (sq - count * mean**2).clamp_min(0) / (count - 1)
+    mean = total / count + shift.flatten().double()
+    var = (sq - count * (total / count) ** 2).clamp_min(0) / (count - 1)
+    # Shrunk toward the statistics the merge carried over from the sources, worth PRIOR_SAMPLES samples:
+    # negligible with plenty of data, a floor under variances estimated from a handful of samples.
+    prior_mean, prior_var = params[norm.mean].double(), params[norm.var].double()
+    w = count / (count + PRIOR_SAMPLES)
+    var = w * var + (1 - w) * prior_var
+    flat = var < FLAT * prior_var  # (nearly) constant on the data: normalising by it would blow up new inputs
+    if bool(flat.any()):
+        var = torch.where(flat, prior_var, var)
+        warnings.warn(f"pleas: {int(flat.sum())} of {len(var)} channels of {norm.name} barely vary on the calibration "
+                      "data; they keep the variance the merge carried over from the sources", stacklevel=2)
     with torch.no_grad():
-        params[norm.mean].copy_((mean + shift.flatten().double()).to(params[norm.mean].dtype))
+        params[norm.mean].copy_((w * mean + (1 - w) * prior_mean).to(params[norm.mean].dtype))
         params[norm.var].copy_(var.to(params[norm.var].dtype))
 
 

@@ -75,6 +75,11 @@ class LinearMap:
         n = math.prod(out_shape) // out_shape[self.out_dim]
         return torch.randperm(n, generator=gen)[:limit] if n > limit else torch.arange(n)
 
+    def images(self, out_shape: tuple, pick) -> torch.Tensor:
+        """The batch index (which input of the batch) of each picked sample."""
+        per_image = math.prod(out_shape) // (out_shape[self.out_dim] * out_shape[0])
+        return pick // max(per_image, 1)
+
     def output_rows(self, y: torch.Tensor, pick) -> torch.Tensor:
         """The output at the picked samples: (samples, units)."""
         y = y.movedim(self.out_dim, -1)
@@ -119,6 +124,9 @@ class ConvMap(LinearMap):
         flat = torch.randperm(total, generator=gen)[:limit] if total > limit else torch.arange(total)
         rest = flat % (ho * wo)
         return flat // (ho * wo), rest // wo, rest % wo
+
+    def images(self, out_shape: tuple, pick) -> torch.Tensor:
+        return pick[0]
 
     def output_rows(self, y: torch.Tensor, pick) -> torch.Tensor:
         y = y.unsqueeze(2) if y.dim() == 3 else y

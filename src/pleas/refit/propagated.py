@@ -6,6 +6,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..capture import Program, Walk, fitting_batches
+from ..capture.program import batch_size
 from ..rewrite.maps import GroupMap
 from ..norms.reset import set_norm_statistics
 from ..statistics.passes import source_pass
@@ -27,6 +28,7 @@ class TargetSampler:
                        for layer in layers}
         self.gen = torch.Generator().manual_seed(options.seed)
         self.picks: dict[str, list] = {layer.weight: [] for layer in layers}
+        self.images: dict[str, list] = {layer.weight: [] for layer in layers}  # batch index of every picked row
         self.rows: dict[str, list] = {layer.weight: [] for layer in layers}
         self.batches = 0
 
@@ -47,15 +49,20 @@ class TargetSampler:
             ys = [t[layer.out_node] for t in taps]
             pick = layer.pick(tuple(ys[0].shape), self.limits[layer.weight], self.gen)
             self.picks[layer.weight].append(pick)
+            self.images[layer.weight].append(layer.images(tuple(ys[0].shape), pick))
             self.rows[layer.weight].append([layer.output_rows(y, pick) for y in ys])
 
-    def take(self, layer: RefitLayer, maps: dict[str, GroupMap], n_batches: int) -> tuple[list, torch.Tensor]:
-        """The picks of ``layer`` for the first ``n_batches`` batches and the combined targets Y~ of all
-        of them as one block of rows (and forget them)."""
+    def take(self, layer: RefitLayer, maps: dict[str, GroupMap], sizes: list[int]) -> tuple[list, torch.Tensor, torch.Tensor]:
+        """The picks of ``layer`` for the first ``len(sizes)`` batches (of ``sizes`` inputs each), the
+        combined targets Y~ of all of them as one block of rows, and the calibration input each row comes
+        from (an index over all those batches); and forget them."""
         key = layer.source.weight
-        picks, rows = self.picks.pop(key)[:n_batches], self.rows.pop(key)[:n_batches]
+        n = len(sizes)
+        picks, rows = self.picks.pop(key)[:n], self.rows.pop(key)[:n]
+        offsets = torch.tensor([0, *sizes[:-1]]).cumsum(0)
+        images = torch.cat([i + o for i, o in zip(self.images.pop(key)[:n], offsets.tolist())])
         per_model = [torch.cat(r) for r in zip(*rows)]
-        return picks, layer.targets(per_model, maps)
+        return picks, layer.targets(per_model, maps), images
 
 
 def refit_propagated(sources: list[Program], merged: Program, layers: list[RefitLayer], norms: list,
@@ -82,7 +89,9 @@ def refit_propagated(sources: list[Program], merged: Program, layers: list[Refit
     position = {n.name: i for i, n in enumerate(nodes)}
     last = max([position[layer.merged.out_node] for layer in layers] + [position[n] for n in norms_at], default=-1)
     walk = Walk(merged, batches)
-    entries, workspace = [], [None]  # one Gram buffer for every layer
+    sizes = [batch_size(b) for b in batches]
+    held_images = _held_out(sum(sizes), options.seed)
+    entries, workspace, sparse = [], [None], []  # one Gram buffer for every layer
     bar = tqdm(total=len(layers), desc="least-squares refit", disable=not options.progress, leave=False)
     with torch.no_grad():
         for node in nodes:
@@ -93,17 +102,69 @@ def refit_propagated(sources: list[Program], merged: Program, layers: list[Refit
                 xs = walk.values(layer.merged.in_node)
                 reachable = layer.merged.reachable_columns(tuple(xs[0].shape), layer.merged.bias is not None)
                 st = empty_stats(layer, params, workspace, reachable)
-                picks, yr = samples.take(layer, maps, len(batches))
-                xr, yr, blocks = merged_rows(layer, xs, picks, yr)
+                picks, yr, images = samples.take(layer, maps, sizes)
+                xr, yr, blocks, order = merged_rows(layer, xs, picks, yr)
                 st.update(xr, yr, blocks)
+                held = None
+                if st.count < options.oversample * st.columns and held_images is not None:
+                    # fewer samples than the refit asks for: choose the ridge on held-out inputs' rows
+                    sparse.append(layer.name)
+                    mask = held_images[images if order is None else images[order]]
+                    held = empty_stats(layer, params, None, reachable)
+                    held.initial = None
+                    held.update(*_subset(xr, yr, blocks, mask))
                 own_out, own_in = layer.owners(params, maps, len(sources))
-                entries.append(solve_layer(layer.merged, st, params, own_out, own_in, options))
+                entries.append(solve_layer(layer.merged, st, params, own_out, own_in, options, held))
                 bar.update()
             elif node.name in norms_at:
                 set_norm_statistics(norms_at[node.name], walk.values(norms_at[node.name].in_node), params)
             walk.advance(node)
     bar.close()
+    warn_sparse(sparse, len(layers), sum(sizes), options.oversample)
     return entries
+
+
+#: Share of the calibration inputs whose rows are held out to choose a sparsely sampled layer's ridge.
+HELD_OUT = 0.2
+
+
+def _held_out(n: int, seed: int) -> torch.Tensor | None:
+    """(n,) booleans: the calibration inputs held out (a seeded fifth, at least one; None below two inputs)."""
+    if n < 2:
+        return None
+    gen = torch.Generator().manual_seed(seed + 7919)
+    count = min(max(round(HELD_OUT * n), 1), n - 1)
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.randperm(n, generator=gen)[:count]] = True
+    return mask
+
+
+def _subset(x: torch.Tensor, y: torch.Tensor, blocks: list | None, mask: torch.Tensor):
+    """The rows of (x, y) where ``mask`` holds, with the row blocks renumbered for them."""
+    keep = mask.nonzero().squeeze(1)
+    if blocks is None:
+        return x[keep], y[keep], None
+    position = torch.cumsum(mask.long(), 0) - 1
+    out = []
+    for rows, cols in blocks:
+        rows = torch.arange(rows.start, rows.stop) if isinstance(rows, slice) else rows
+        rows = rows[mask[rows]]
+        if len(rows):
+            out.append((position[rows], cols))
+    return x[keep], y[keep], out
+
+
+def warn_sparse(layers: list[str], total: int, samples: int, oversample: int) -> None:
+    """One warning for the layers that saw fewer samples than the refit asks for."""
+    if not layers:
+        return
+    import warnings
+
+    warnings.warn(
+        f"pleas: {len(layers)} of {total} layers saw fewer calibration samples than {oversample} per input column "
+        f"({samples} inputs; e.g. {layers[0]!r}): their ridge was chosen on held-out calibration inputs, and a "
+        "layer whose fit was worse there kept its partial-merge weights (report['refit']). More calibration "
+        "data gives a better merge.", stacklevel=2)
 
 
 def empty_stats(layer: RefitLayer, params: dict, workspace: list | None = None,

@@ -38,20 +38,20 @@ def teacher_rows(layer: RefitLayer, xs: list, ys: list, maps: dict[str, GroupMap
 
 def merged_rows(layer: RefitLayer, xs: list, picks: list, y: torch.Tensor):
     """X at the picked samples of every batch of the merged model's own input activations ``xs``, as one
-    block of rows (samples, P) float32, the targets ``y`` of those samples (reordered with X), and a
-    conv's row blocks over all of them: one product per block for the whole calibration set instead of
-    one per batch. A conv's rows are written grouped by tap block (targets reordered alike), so each
-    block's rows are one slice."""
+    block of rows (samples, P) float32, the targets ``y`` of those samples (reordered with X), a conv's
+    row blocks over all of them (one product per block for the whole calibration set instead of one per
+    batch), and the order the rows were put in (None: as picked). A conv's rows are written grouped by
+    tap block (targets reordered alike), so each block's rows are one slice."""
     m = layer.merged
     bias = m.bias is not None
     if m.kind != "conv":
         x = torch.cat([m.input_rows(x, pick) for x, pick in zip(xs, picks)]).float()
-        return _with_bias(x, bias), y, None
+        return _with_bias(x, bias), y, None, None
     xs = [x.unsqueeze(2) if x.dim() == 3 else x for x in xs]  # Conv1d as a Conv2d of height 1
     c = xs[0].shape[1]
     joined = tuple(torch.cat([p[i] for p in picks]) for i in range(3))
     blocks = m.row_blocks(tuple(xs[0].shape), joined, bias)
-    dest = None
+    dest, order = None, None
     if blocks is not None:
         order = torch.cat([rows for rows, _ in blocks])
         dest = torch.empty_like(order)
@@ -72,4 +72,4 @@ def merged_rows(layer: RefitLayer, xs: list, picks: list, y: torch.Tensor):
         at += len(rows)
     if bias:
         out[:, p] = 1.0
-    return out, y, blocks
+    return out, y, blocks, order

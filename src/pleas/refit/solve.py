@@ -46,7 +46,7 @@ class RefitOptions:
     seed: int = 0
     max_gram_bytes: int = 4 << 30
     max_frontier_bytes: int = 4 << 30
-    reset_norms: bool = True
+    reset_norms: bool = True  # set the norms' statistics on the merged model's own activations
     progress: bool = True
 
 
@@ -89,8 +89,16 @@ class LayerStats:
         return mask
 
     def scale(self) -> float:
-        """trace(G) / P, the data's own scale for the ridge."""
-        return float(self.gram.diagonal().sum()) / self.columns
+        """The data's own scale for the ridge: trace(G) / min(P, samples), the mean nonzero eigenvalue of G
+        when the samples span every column (then trace(G) / P), and when there are fewer samples than
+        columns (then G has at most that many nonzero eigenvalues, and trace(G) / P would make the ridge
+        vanish against them: an interpolating, wildly extrapolating fit)."""
+        return float(self.gram.diagonal().sum()) / max(min(self.columns, self.count), 1)
+
+    def minus(self, other: "LayerStats") -> "LayerStats":
+        """The sums of this layer's rows that are not in ``other`` (a subset of them)."""
+        return LayerStats(self.gram - other.gram, self.cross - other.cross, self.target_sq - other.target_sq,
+                          self.count - other.count, self.index, self.columns)
 
     def update(self, x: torch.Tensor, y: torch.Tensor, blocks: list | None = None) -> None:
         """Add a batch of rows. Large products run in float32 (a few thousand rows each); the running
@@ -151,49 +159,88 @@ class LayerStats:
 
 
 
-def solve_layer(layer, st: LayerStats, params: dict, own_out: torch.Tensor, own_in: torch.Tensor,
-                opt: RefitOptions) -> dict:
-    """Solve one layer from its sums ``st`` and write the weights into ``params`` (in place).
+#: Ridge strengths tried for a layer with fewer samples than ``oversample`` x its columns, as multiples
+#: of the asked ``ridge``: the one with the least error on held-out calibration rows is used.
+RIDGE_GRID = (1.0, 10.0, 100.0, 1e3, 1e4)
 
-    ``layer`` is the merged model's :class:`~pleas.ops.LinearMap`; ``own_out`` (n, m_out) and ``own_in``
-    (n, P) say which source models own each output row and input column (the zero-block constraint).
-    Returns the layer's report entry (samples, columns, fit errors before and after)."""
-    w0 = layer.matrix(params)
+
+def masked_solve(st: LayerStats, w0: torch.Tensor, own_out: torch.Tensor, own_in: torch.Tensor, lam: float,
+                 opt: RefitOptions) -> tuple[torch.Tensor, float]:
+    """The ridge solution W (m_out, P) at strength ``lam`` under the zero-block constraint, and (exact
+    solves) ||X W^T - Y||^2 over the rows of ``st``."""
     m_out, p = w0.shape
-    before = st.initial_error() if st.initial is not None else st.error(w0)
-    lam = opt.ridge * st.scale()
     seen = st.seen()
     exact = opt.method != "adam"
     if exact:
         st.gram.diagonal().add_(lam)  # every row pattern solves with G_JJ + lam I; undone below
-    quad = st.target_sq  # ||X W^T - Y||^2 after the solve, accumulated per pattern (exact solves)
+    quad = st.target_sq
     w = w0.clone()
     patterns = {} if opt.mask else {None: torch.arange(m_out)}
     if opt.mask:
         for i, key in enumerate(map(tuple, own_out.T.tolist())):
             patterns.setdefault(key, []).append(i)
-    for key, rows in patterns.items():
-        rows = torch.as_tensor(rows)
-        allowed = torch.ones(p, dtype=torch.bool) if key is None else (torch.tensor(key)[:, None] & own_in).any(0)
-        w[rows[:, None], (~allowed).nonzero().squeeze(1)] = 0.0
-        # Columns the data never reaches keep their initial weight: for them the ridge solution is W_0.
-        cols = (allowed & seen).nonzero().squeeze(1)
-        if len(cols):
-            start = w0[rows[:, None], cols]
-            sol, c = _ridge_solve(st, rows, cols, start, lam, opt)
-            w[rows[:, None], cols] = sol
-            if exact:
-                # The solution satisfies W (G + lam I) = C^T + lam W0, so W G W^T needs no product with G:
-                # ||X W^T - Y||^2 = sum(lam (W0 - W) * W - W * C^T) + ||Y||^2 over the pattern.
-                quad += float((lam * (start - sol) * sol - sol * c.T).sum())
-    if exact:
-        st.gram.diagonal().sub_(lam)
-        after = max(quad, 0.0) / max(st.target_sq, 1e-30)
-    else:
-        after = st.error(w)
+    try:
+        for key, rows in patterns.items():
+            rows = torch.as_tensor(rows)
+            allowed = torch.ones(p, dtype=torch.bool) if key is None else (torch.tensor(key)[:, None] & own_in).any(0)
+            w[rows[:, None], (~allowed).nonzero().squeeze(1)] = 0.0
+            # Columns the data never reaches keep their initial weight: for them the ridge solution is W_0.
+            cols = (allowed & seen).nonzero().squeeze(1)
+            if len(cols):
+                start = w0[rows[:, None], cols]
+                sol, c = _ridge_solve(st, rows, cols, start, lam, opt)
+                w[rows[:, None], cols] = sol
+                if exact:
+                    # The solution satisfies W (G + lam I) = C^T + lam W0, so W G W^T needs no product with G:
+                    # ||X W^T - Y||^2 = sum(lam (W0 - W) * W - W * C^T) + ||Y||^2 over the pattern.
+                    quad += float((lam * (start - sol) * sol - sol * c.T).sum())
+    finally:
+        if exact:
+            st.gram.diagonal().sub_(lam)
+    return w, quad
+
+
+def solve_layer(layer, st: LayerStats, params: dict, own_out: torch.Tensor, own_in: torch.Tensor,
+                opt: RefitOptions, held: LayerStats | None = None) -> dict:
+    """Solve one layer from its sums ``st`` and write the weights into ``params`` (in place).
+
+    ``layer`` is the merged model's :class:`~pleas.ops.LinearMap`; ``own_out`` (n, m_out) and ``own_in``
+    (n, P) say which source models own each output row and input column (the zero-block constraint).
+    The ridge is ``opt.ridge`` times the data's scale (:meth:`LayerStats.scale`). With ``held`` (the sums
+    of held-out rows, a subset of ``st``'s), the strength is chosen from :data:`RIDGE_GRID` by the error
+    of a fit without those rows on them, and a layer whose fit would be worse there than its partial-merge
+    weights keeps them. Returns the layer's report entry: samples, columns, the relative ridge used, fit errors before and
+    after, and on held-out rows."""
+    w0 = layer.matrix(params)
+    m_out, p = w0.shape
+    before = st.initial_error() if st.initial is not None else st.error(w0)
+    entry = {"layer": layer.name, "rows": st.count, "columns": p}
+    exact = opt.method != "adam"
+    factor = 1.0
+    if held is not None and held.count and exact and held.target_sq > 0:
+        fit = st.minus(held)
+        base = held.error(w0)
+        best = (base, None)
+        previous = None
+        for f in RIDGE_GRID:
+            w_fit, _ = masked_solve(fit, w0, own_out, own_in, opt.ridge * f * fit.scale(), opt)
+            e = held.error(w_fit)
+            if e < best[0]:
+                best = (e, f)
+            if previous is not None and e > previous:
+                break  # past the best strength: larger ones only move back toward W_0
+            previous = e
+        entry.update(heldout_rows=held.count, heldout_before=base, heldout_after=best[0])
+        if best[1] is None:  # no strength beats the partial merge on rows it did not see
+            entry.update(error_before=before, error_after=before, ridge=None, kept="its fit was worse on held-out rows")
+            return entry
+        factor = best[1]
+    lam = opt.ridge * factor * st.scale()
+    w, quad = masked_solve(st, w0, own_out, own_in, lam, opt)
+    after = max(quad, 0.0) / max(st.target_sq, 1e-30) if exact else st.error(w)
     layer.set_matrix(params, w)
-    return {"layer": layer.name, "rows": st.count, "columns": p, "error_before": before, "error_after": after,
-            "ridge": lam}
+    entry.update(error_before=before, error_after=after, ridge=opt.ridge * factor)
+    return entry
 
 
 def _ridge_solve(st: LayerStats, rows, cols, start, lam: float, opt: RefitOptions):
