@@ -127,6 +127,45 @@ def test_never_overwrites_an_input(tmp_path, files, capsys):
     assert open(files["a"], "rb").read() == before
 
 
+@pytest.mark.parametrize("flag", ["--report", "--plot"])
+def test_no_output_may_be_an_input_or_another_output(tmp_path, files, capsys, flag):
+    """A plot or report path equal to an input (formats are read from content, so a checkpoint may be
+    named .png) or to another output is refused before any work, and nothing is written."""
+    import shutil
+
+    renamed = tmp_path / "a_copy.png"
+    shutil.copy(files["a"], renamed)
+    before = renamed.read_bytes()
+    args = dict(files, a=str(renamed))
+    out = tmp_path / "merged.safetensors"
+    assert main(_merge_args(args, out, "--method", "rebasin", flag, str(renamed))) == 2
+    assert "is an input file" in capsys.readouterr().err
+    assert renamed.read_bytes() == before and not out.exists()
+    assert main(_merge_args(args, out, "--method", "rebasin", flag, str(out))) == 2
+    assert "are the same file" in capsys.readouterr().err and not out.exists()
+
+
+def test_an_unwritable_plot_path_fails_before_any_file_is_written(tmp_path, files, capsys):
+    out = tmp_path / "merged.safetensors"
+    assert main(_merge_args(files, out, "--method", "rebasin", "--plot", str(tmp_path / "nodir" / "p.png"))) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_plot_and_report_are_written_with_the_model(tmp_path, files, capsys):
+    pytest.importorskip("matplotlib")
+    out, report, plot = tmp_path / "m.safetensors", tmp_path / "m.json", tmp_path / "m.png"
+    assert main(_merge_args(files, out, "--method", "rebasin", "--budget", "1.5", "--report", str(report),
+                            "--plot", str(plot))) == 0
+    assert out.exists() and report.exists() and plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_methods_command_lists_options(capsys):
+    assert main(["methods"]) == 0
+    text = capsys.readouterr().out
+    assert "pleas (1x and up)" in text and "ridge = 0.01" in text and "zipit" in text
+
+
 def test_default_method_is_pleas(tmp_path, files, capsys):
     out = tmp_path / "m.safetensors"
     code = main(_merge_args(files, out))
