@@ -318,7 +318,7 @@ def test_effective_size_excludes_exactly_the_zero_blocks():
     zeros = sum(int((t == 0).sum()) for t in result.model.state_dict().values())
     size = result.report["size"]
     assert size["merged_params"] - size["effective_params"] == zeros  # random weights: no other exact zeros
-    # ALGORITHM.md: 2 (d_o - k_o)(d_i - k_i) per layer
+    # docs/algorithm.md section 3: 2 (d_o - k_o)(d_i - k_i) per layer
     d = 32
     expected = 2 * (d - 12) * (d - 10) + 2 * (d - 20) * (d - 12)
     assert zeros == expected

@@ -1,4 +1,4 @@
-"""The paper's claims (ALGORITHM.md section 7), checked against the benchmark's numbers.
+"""The paper's claims (docs/algorithm.md section 7), checked against the benchmark's numbers.
 
 Each check returns a :class:`Finding`: the claim, a verdict written from the numbers (where a claim does
 not hold it says so and gives them), a table per task and architecture, and ``holds`` (True, False, or

@@ -1,4 +1,4 @@
-"""From a size budget to per-group merge counts k_g (ALGORITHM.md section 3).
+"""From a size budget to per-group merge counts k_g (docs/algorithm.md section 3).
 
 Groups of one *tie* (the blocks of a grouped convolution, the pieces of a channel shuffle) merge the same
 fraction of their units, so the code's own split of the new widths finds them again: each tie is one

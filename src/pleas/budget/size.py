@@ -42,7 +42,7 @@ def zero_block_count(spec: PermutationSpec, state_dict: dict[str, torch.Tensor],
                      n_models: int, target: PermutationSpec) -> dict[str, int]:
     """Entries of the merged model that are zero by construction, per tensor: in a weight whose output
     and input axes are both grouped, entry (i, j) where no model owns both output unit i and input unit
-    j (an A-only row reading a B-only column), times the other axes (kernel taps). ALGORITHM.md: effective
+    j (an A-only row reading a B-only column), times the other axes (kernel taps). docs/algorithm.md: effective
     cost = m_o x m_i - 2 (d_o - k_o)(d_i - k_i) per layer for two models. Read off the maps, so exact for
     any layout (ZipIt!'s too). ``target`` is the spec at the merged widths."""
     zeros = {}
@@ -70,7 +70,7 @@ class SizeModel:
 
     ``params``: floating-point entries of the state dict (the dense model actually returned; tied tensors
     once). ``flops``: multiply-adds of its linear maps per sample, for the captured input shape.
-    ``effective_params``, ``effective_flops``: the same without the zero blocks (ALGORITHM.md section 3:
+    ``effective_params``, ``effective_flops``: the same without the zero blocks (docs/algorithm.md section 3:
     a layer costs m_o x m_i - 2 (d_o - k_o)(d_i - k_i)), the paper's way of counting. A group of width
     d at width w is taken to hold k = d - (w - d) / (n - 1) merged units and (w - d) / (n - 1) units of
     each of the ``n_models`` sources alone (PLeaS's and Git Re-Basin's layout); rows of one source never

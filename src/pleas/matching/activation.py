@@ -1,4 +1,4 @@
-"""Activation matching: pair units by the Pearson correlation of their activations (ALGORITHM.md
+"""Activation matching: pair units by the Pearson correlation of their activations (docs/algorithm.md
 section 2), from streamed moments."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from .result import Matching
 
 
 def activation_matching(spec: PermutationSpec, moments: dict) -> Matching:
-    """Match B's units to A's by the Pearson correlation of their activations (ALGORITHM.md section 2).
+    """Match B's units to A's by the Pearson correlation of their activations (docs/algorithm.md section 2).
 
     Args:
         spec: the permutation groups.

@@ -1,4 +1,4 @@
-"""Linear assignment: the permutation that pairs the most similar units (ALGORITHM.md section 2).
+"""Linear assignment: the permutation that pairs the most similar units (docs/algorithm.md section 2).
 
 For a similarity S (d, d) between A's units (rows) and B's units (columns):
 
@@ -24,7 +24,7 @@ def _lsa_value(sim: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def linear_assignment(sim: torch.Tensor, *, block: int = 1) -> torch.Tensor:
-    """The permutation maximising  sum_i sim[i, perm[i]]  (ALGORITHM.md section 2, assignment).
+    """The permutation maximising  sum_i sim[i, perm[i]]  (docs/algorithm.md section 2, assignment).
 
     Args:
         sim: (d, d) similarity, rows = A's units, columns = B's units. Any real dtype; solved in float64.

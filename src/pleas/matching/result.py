@@ -14,7 +14,7 @@ class Matching:
 
     - ``perms[g]``: LongTensor (d,); ``perms[g][i]`` is the index of B's unit paired with A's unit i.
     - ``similarity[g]``: float64 (d,); the similarity of pair (i, perms[g][i]), higher = more alike
-      (used to rank which pairs to merge first, ALGORITHM.md section 3).
+      (used to rank which pairs to merge first, docs/algorithm.md section 3).
     - ``sweeps``: coordinate-descent sweeps run (0 for one-shot matchers).
     - ``converged``: False if the matcher stopped at its iteration limit while still improving.
     """

@@ -160,7 +160,7 @@ def weight_matching(
     seed: int = 0,
     max_iter: int = 100,
 ) -> Matching:
-    """Git Re-Basin weight matching (Ainsworth et al. 2023; ALGORITHM.md section 2) by coordinate descent.
+    """Git Re-Basin weight matching (Ainsworth et al. 2023; docs/algorithm.md section 2) by coordinate descent.
 
     Maximises  sum_p <A_p, B_p aligned by perms>  over one permutation per group. Starting from the
     identity, each sweep visits the groups in a random order (a ``torch.Generator`` seeded with ``seed``,

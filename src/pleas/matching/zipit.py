@@ -9,7 +9,7 @@ clustered agglomeratively with complete linkage on their correlation:
 
 and the most similar pair of current clusters is merged until ``target`` clusters remain. The result is a
 :class:`~pleas.rewrite.GroupMap`: ``merge`` averages each cluster's units and ``unmerge`` lets every
-stacked unit read the cluster it joined (ALGORITHM.md sections 2-3; pleas.rewrite.transform for how maps are used).
+stacked unit read the cluster it joined (docs/algorithm.md sections 2-3; pleas.rewrite.transform for how maps are used).
 """
 from __future__ import annotations
 

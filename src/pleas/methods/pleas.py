@@ -1,5 +1,5 @@
 """``pleas``: PLeaS. Match units, merge the most similar pairs of each group (the rest of A and B kept),
-then refit every linear map by least squares toward the permuted ensemble (ALGORITHM.md sections 2-4).
+then refit every linear map by least squares toward the permuted ensemble (docs/algorithm.md sections 2-4).
 
 Calibration data from another dataset gives PLeaS-free: nothing changes but the data passed. With
 ``pleas.merge(matching="identity")`` unit i of A is merged with unit i of B: the least-squares refit

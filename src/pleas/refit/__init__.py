@@ -1,5 +1,5 @@
 """Stage 7, refit: every linear map of the merged model refitted by least squares toward the permuted
-ensemble (ALGORITHM.md section 4), teacher-forced (:mod:`.teacher`) or on the merged model's own
+ensemble (docs/algorithm.md section 4), teacher-forced (:mod:`.teacher`) or on the merged model's own
 propagated activations (:mod:`.propagated`), each layer solved in closed form (:mod:`.solve`)."""
 from .api import RefitReport, refit
 from .layers import RefitLayer, refit_layers

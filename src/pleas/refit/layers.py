@@ -44,7 +44,7 @@ class RefitLayer:
 
     def targets(self, rows: list[torch.Tensor], maps: dict[str, GroupMap]) -> torch.Tensor:
         """Y~ from each source's output rows (samples, units): the permuted ensemble's outputs, in the
-        merged layout (ALGORITHM.md section 4), float32."""
+        merged layout (docs/algorithm.md section 4), float32."""
         return _combine(rows, -1, self.out, maps)
 
     def inputs(self, rows: list[torch.Tensor], dim: int, maps: dict[str, GroupMap]) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The closed-form least-squares solve of one layer (ALGORITHM.md section 4), from streamed float64 sums.
+"""The closed-form least-squares solve of one layer (docs/algorithm.md section 4), from streamed float64 sums.
 
 A layer maps X~ to Y~ with W; the refit solves
 

@@ -1,5 +1,5 @@
 """The teacher-forced refit: every layer fitted independently on the permuted ensemble's inputs and
-outputs, from one pass over the sources (ALGORITHM.md section 4, as in the paper)."""
+outputs, from one pass over the sources (docs/algorithm.md section 4, as in the paper)."""
 from __future__ import annotations
 
 import torch

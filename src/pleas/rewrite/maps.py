@@ -8,7 +8,7 @@ i is stacked unit ``k*d + i``), in the formulation of ZipIt!:
   members, so a layer that read unit u now reads the new units it became.
 
 This module makes the maps of the standard layouts: permutations, Net2Net widening, PLeaS's partial
-merge ``[merged | A-only | B-only]`` (ALGORITHM.md section 3) and the ensemble (every unit kept).
+merge ``[merged | A-only | B-only]`` (docs/algorithm.md section 3) and the ensemble (every unit kept).
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def partial_merge_map(perm: torch.Tensor, similarity: torch.Tensor, k: int) -> G
 
     ``perm[i]`` is B's unit paired with A's unit i; the ``k`` pairs with the highest ``similarity``
     are merged (averaged), every other unit of A and of B is kept. Applied by
-    :func:`~pleas.rewrite.transform.transform_state_dicts` this gives ALGORITHM.md's initial weights: merged
+    :func:`~pleas.rewrite.transform.transform_state_dicts` this gives docs/algorithm.md's initial weights: merged
     rows average A's and B's, kept rows copy their model's, and the A-only x B-only blocks are zero.
     Merged pairs and kept units are listed in A's (resp. B's) unit order.
     """

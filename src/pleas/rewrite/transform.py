@@ -194,7 +194,7 @@ def combine_activations(tensors: list[torch.Tensor], dims: tuple[int, ...], item
     """The rewritten model's view of one activation, from the n source models' copies of it.
 
     ``items`` are (group, source site, target site) triples locating groups in the flattened dimensions
-    ``dims`` of the activation. Each group's units become ``merge @ stacked units`` (ALGORITHM.md section
+    ``dims`` of the activation. Each group's units become ``merge @ stacked units`` (docs/algorithm.md section
     4: X~ = [(X_A[merged] + X_B^pi[merged]) / 2, X_A[A-only], X_B^pi[B-only]]); entries outside every
     group (network inputs, a shared output) are averaged. Computed in ``dtype`` (the merge matrices hold
     0, 1/2 and 1, so float32 loses nothing beyond the inputs' own precision).

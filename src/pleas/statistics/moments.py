@@ -1,7 +1,7 @@
 """Streaming activation statistics at each group's sites, accumulated in float64.
 
 Only running sums are kept (count, sum z, sum z z^T), so statistics gathered over batches, or in shards,
-add up exactly (ALGORITHM.md section 2)."""
+add up exactly (docs/algorithm.md section 2)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
