@@ -15,6 +15,7 @@ from .calibration import Calibration, PerModel
 from .capture import Program, as_call, capture
 from .errors import MergeInputError
 from .groups import ModelGraph, PermutationSpec, analyze
+from .rewrite.constraints import width_ties
 from .rewrite.maps import GroupMap, ensemble_map
 
 HEADS = ("shared", "separate")
@@ -215,6 +216,8 @@ def prepare(models: list[nn.Module], data: Any, *, budget: float, heads: str, ma
             raise MergeInputError(f"{labels[0]} and {label} have the same tensors but different graphs (forward differs)")
     graph = analyze(programs[0])
     graph.spec.require_groups()
+    for names in width_ties(models[0], graph.spec):
+        graph.spec.tie(names)
     samples = calib.samples()
     if samples < 2 or _constant(calib.batches()):
         warnings.warn(f"pleas: the calibration data holds {'one sample' if samples < 2 else 'one input repeated'}: "

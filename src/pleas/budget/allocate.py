@@ -75,7 +75,35 @@ def uniform_merge_counts(spec: PermutationSpec, sizes: SizeModel, metric: str, t
             hi = mid
         else:
             lo = mid
-    return counts(hi)
+    return _top_up(items, counts(hi), spec, sizes, metric, target)
+
+
+def _top_up(items: list[Item], counts: dict[str, int], spec: PermutationSpec, sizes: SizeModel, metric: str,
+            target: float) -> dict[str, int]:
+    """Unmerge one step at a time of the tied items (coarse: a tie's steps are the gcd of its widths, so
+    one fraction may overshoot the budget by a lot) while the size stays within ``target``, in graph
+    order."""
+    n = sizes.n
+    widths = merged_widths(counts, spec, n)
+    current = sizes.measure(metric, widths)
+    changed = True
+    while changed:
+        changed = False
+        for item in items:
+            if len(item.groups) < 2:
+                continue
+            g0 = item.groups[0]
+            j = counts[g0.name] * item.steps // g0.width
+            if j == 0:
+                continue
+            update = {name: n * g.width - (n - 1) * k for g, (name, k) in zip(item.groups, item.counts(j - 1).items())}
+            step = sizes.change(metric, widths, update)
+            if current + step <= target:
+                current += step
+                widths.update(update)
+                counts.update(item.counts(j - 1))
+                changed = True
+    return counts
 
 
 def similarity_loss_tables(spec: PermutationSpec, similarity: dict[str, torch.Tensor], sizes: SizeModel,

@@ -28,8 +28,8 @@ class _LeafTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if registry.find_module_handler(m) is not None:
             return True
-        if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
-            return False
+        if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.MultiheadAttention)):
+            return False  # traced into (MultiheadAttention's code defeats torch.fx: torch.export reads it)
         return super().is_leaf_module(m, qualname)
 
 

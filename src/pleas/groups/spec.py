@@ -228,6 +228,17 @@ dense tensor its members index (``("blockdiag", groups)``: a grouped convolution
                 out.setdefault(g.tie, []).append(g.name)
         return {k: v for k, v in out.items() if len(v) > 1}
 
+    def tie(self, names: list[str]) -> None:
+        """Tie the groups ``names`` (and whatever they are tied to already): they keep their proportions."""
+        present = [self[n] for n in names if n in self]
+        if len(present) < 2:
+            return
+        ties = {g.tie or g.name for g in present}
+        name = next(g.tie or g.name for g in self.groups if (g.tie or g.name) in ties)
+        for g in self.groups:
+            if (g.tie or g.name) in ties:
+                g.tie = name
+
     def with_outputs(self) -> "PermutationSpec":
         """This spec with the output axes as ordinary groups (for separate heads, never merged)."""
         return PermutationSpec(self.groups + self.outputs, input_shape=self.input_shape, positions=self.positions,

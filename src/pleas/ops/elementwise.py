@@ -84,7 +84,7 @@ def binary(ctx):
     """Broadcasting elementwise arithmetic. Operands that carry units are tied entry by entry (a residual
     add ties both branches into one group); a parameter that varies along the units (a layer scale, a
     learned bias) becomes a member; a computed tensor without units that varies along them (a position
-    encoding) leaves no symmetry for those units, so they are fixed; scalars pass."""
+    encoding) pins each unit to its position there; scalars pass."""
     out_shape = ctx.shape()
     if out_shape is None:
         return None  # arithmetic on sizes
@@ -120,6 +120,15 @@ def binary(ctx):
     for a in plain:
         shape = ctx.shape(a)
         shift = ndim - len(shape)
-        if any(d - shift >= 0 and shape[d - shift] != 1 for d in result.dims):
-            ctx.fix(result, f"combined with a computed tensor of shape {tuple(shape)} that varies along them")
+        varying = [d for d in result.dims if d - shift >= 0 and shape[d - shift] != 1]
+        if varying:
+            # A computed tensor without units that varies along them (a rotary position encoding): a
+            # permutation must leave every entry where it is along those dimensions, so each unit is tagged
+            # with its position there. Units that repeat along them (a head's dimensions, once attention
+            # makes the head one unit) keep every tag in common and still move together.
+            position = np.zeros(result.ids.shape, dtype=np.int64)
+            for d in varying:
+                index = np.arange(result.ids.shape[d]).reshape([-1 if i == d else 1 for i in range(ndim)])
+                position = position * result.ids.shape[d] + index
+            ctx.tag(result, position)
     return result

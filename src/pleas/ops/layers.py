@@ -3,6 +3,7 @@ convolutions (dense, depthwise, grouped) and embeddings."""
 from __future__ import annotations
 
 import math
+import operator
 
 import numpy as np
 import torch
@@ -75,14 +76,44 @@ def addmm(ctx):
     return products(ctx, [x, ctx.arg(2)])
 
 
-@function_handler(torch.matmul, torch.mm, torch.bmm, aten.mm, aten.bmm, aten.matmul, methods=("matmul", "mm", "bmm"))
+@function_handler(torch.matmul, torch.mm, torch.bmm, aten.mm, aten.bmm, aten.matmul, operator.matmul,
+                  methods=("matmul", "mm", "bmm"))
 def matmul(ctx):
     """x @ W with a parameter W stored (in, out) is a linear map; a product of two activations (attention
     scores, attention-weighted values) is not: the units it multiplies are fixed."""
     a, b = ctx.arg(0), ctx.arg(1)
     if isinstance(ctx.value(b), ParamRef) and ctx.ndim(b) == 2:
         return dense(ctx, a, ctx.value(b), None, transposed=True)
+    ua, ub = ctx.units(a), ctx.units(b)
+    if ua is None and ub is None:
+        return None
+    if ctx.ndim(a) >= 3 and ctx.ndim(b) >= 3 and ua is not None and ub is not None:
+        return batched_product(ctx, ua, ub)
     return products(ctx, [a, b])
+
+
+def batched_product(ctx, a, b):
+    """a (..., M, K) @ b (..., K, N) of two activations with units, as attention writes it: q @ k^T (units
+    on the heads and on K, the head dimensions) and weights @ v (units on the heads and on N). The product
+    is a symmetry of a permutation of whole heads (see :mod:`pleas.ops.attention`): each head becomes one
+    unit, carried by the output along the head dimension (and along N, for v's)."""
+    from .attention import head_units
+    from .units import Units
+
+    ndim = ctx.ndim()
+    a = Units(a.ids.reshape((1,) * (ndim - a.ndim) + a.ids.shape), tuple(d + ndim - a.ndim for d in a.dims))
+    b = Units(b.ids.reshape((1,) * (ndim - b.ndim) + b.ids.shape), tuple(d + ndim - b.ndim for d in b.dims))
+    m, n = ndim - 2, ndim - 1
+    if n in a.dims and m in b.dims:  # scores = q @ k^T: contracted over the head dimensions
+        head = head_units(ctx, a, Units(np.swapaxes(b.ids, m, n), tuple({m: n, n: m}.get(d, d) for d in b.dims)), None)
+        ids = a.ids[..., :1, :1]  # one unit per head, carried along the head dimension
+        return Units(np.ascontiguousarray(ids), tuple(d for d in a.dims if d < m))
+    if n not in a.dims and m not in a.dims and m not in b.dims:  # weights @ v: heads tied, v's units carried
+        ctx.table.union(b.ids, a.ids)  # broadcast: head h of v joins head h of the weights
+        ctx.table.union(b.ids, b.ids[..., :1])
+        return b
+    raise ctx.fail("a product of two activations that is not attention-shaped; only q @ k^T and weights @ v are "
+                   "supported")
 
 
 def products(ctx, args: list):

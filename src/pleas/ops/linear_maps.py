@@ -75,10 +75,11 @@ class LinearMap:
         n = math.prod(out_shape) // out_shape[self.out_dim]
         return torch.randperm(n, generator=gen)[:limit] if n > limit else torch.arange(n)
 
-    def images(self, out_shape: tuple, pick) -> torch.Tensor:
-        """The batch index (which input of the batch) of each picked sample."""
-        per_image = math.prod(out_shape) // (out_shape[self.out_dim] * out_shape[0])
-        return pick // max(per_image, 1)
+    def images(self, out_shape: tuple, pick, batch: int) -> torch.Tensor:
+        """Which of the batch's ``batch`` inputs each picked sample comes from (rows are laid out input by
+        input, also where a graph flattens the batch and the tokens into one dimension)."""
+        per_input = math.prod(out_shape) // out_shape[self.out_dim] // max(batch, 1)
+        return pick // max(per_input, 1)
 
     def output_rows(self, y: torch.Tensor, pick) -> torch.Tensor:
         """The output at the picked samples: (samples, units)."""
@@ -125,7 +126,7 @@ class ConvMap(LinearMap):
         rest = flat % (ho * wo)
         return flat // (ho * wo), rest // wo, rest % wo
 
-    def images(self, out_shape: tuple, pick) -> torch.Tensor:
+    def images(self, out_shape: tuple, pick, batch: int) -> torch.Tensor:
         return pick[0]
 
     def output_rows(self, y: torch.Tensor, pick) -> torch.Tensor:

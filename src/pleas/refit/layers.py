@@ -61,23 +61,27 @@ def _combine(rows: list[torch.Tensor], dim: int, items: list, maps: dict[str, Gr
     return sum(rewrite_axis(r.float(), dim, items, k, n, maps, role="out") for k, r in enumerate(rows))
 
 
-def _by_role(spec: PermutationSpec, weight: str, role: str) -> dict[tuple[str, int], tuple]:
-    return {(g.name, m.axis): (g, m) for g, m in spec.members_of(weight) if m.role == role}
+def _on_axis(spec: PermutationSpec, weight: str, axis: int) -> dict[tuple[str, int], tuple]:
+    return {(g.name, m.axis): (g, m) for g, m in spec.members_of(weight) if m.axis == axis}
 
 
 def refit_layers(source: ModelGraph, merged: ModelGraph, spec: PermutationSpec, target: PermutationSpec) -> list[RefitLayer]:
     """The merged model's linear maps in graph order, each paired with the source map of the same weight.
-    A weight used by several maps (a module called twice, tied weights) is left as merged."""
+    A weight used by several ops (a module called twice, an output layer tied to the input embedding) is
+    left as merged."""
     uses = Counter(layer.weight for layer in merged.layers)
     sources = {layer.weight: layer for layer in source.layers}
     out = []
     for layer in merged.layers:
         if uses[layer.weight] != 1 or layer.weight not in sources or layer.weight in spec.aliases:
             continue
+        out_axis, in_axis = (1, 0) if layer.transposed else (0, 1)
+        if any(m.axis == in_axis and m.role == "out" for _, m in spec.members_of(layer.weight)):
+            continue  # also an embedding table (a tied input and output embedding): it stays as merged
         triples = {}
-        for role in ("out", "in"):
-            src, tgt = _by_role(spec, layer.weight, role), _by_role(target, layer.weight, role)
-            triples[role] = [(g, m, tgt[key][1]) for key, (g, m) in src.items() if key in tgt]
+        for side, axis in (("out", out_axis), ("in", in_axis)):
+            src, tgt = _on_axis(spec, layer.weight, axis), _on_axis(target, layer.weight, axis)
+            triples[side] = [(g, m, tgt[key][1]) for key, (g, m) in src.items() if key in tgt]
         out.append(RefitLayer(layer, sources[layer.weight], triples["out"], triples["in"]))
     return out
 

@@ -28,7 +28,7 @@ class TargetSampler:
                        for layer in layers}
         self.gen = torch.Generator().manual_seed(options.seed)
         self.picks: dict[str, list] = {layer.weight: [] for layer in layers}
-        self.images: dict[str, list] = {layer.weight: [] for layer in layers}  # batch index of every picked row
+        self.shapes: dict[str, list] = {layer.weight: [] for layer in layers}  # output shape of every batch
         self.rows: dict[str, list] = {layer.weight: [] for layer in layers}
         self.batches = 0
 
@@ -49,7 +49,7 @@ class TargetSampler:
             ys = [t[layer.out_node] for t in taps]
             pick = layer.pick(tuple(ys[0].shape), self.limits[layer.weight], self.gen)
             self.picks[layer.weight].append(pick)
-            self.images[layer.weight].append(layer.images(tuple(ys[0].shape), pick))
+            self.shapes[layer.weight].append(tuple(ys[0].shape))
             self.rows[layer.weight].append([layer.output_rows(y, pick) for y in ys])
 
     def take(self, layer: RefitLayer, maps: dict[str, GroupMap], sizes: list[int]) -> tuple[list, torch.Tensor, torch.Tensor]:
@@ -59,8 +59,10 @@ class TargetSampler:
         key = layer.source.weight
         n = len(sizes)
         picks, rows = self.picks.pop(key)[:n], self.rows.pop(key)[:n]
-        offsets = torch.tensor([0, *sizes[:-1]]).cumsum(0)
-        images = torch.cat([i + o for i, o in zip(self.images.pop(key)[:n], offsets.tolist())])
+        offsets = torch.tensor([0, *sizes[:-1]]).cumsum(0).tolist()
+        shapes = self.shapes.pop(key)[:n]
+        images = torch.cat([layer.source.images(shape, pick, size) + offset
+                            for shape, pick, size, offset in zip(shapes, picks, sizes, offsets)])
         per_model = [torch.cat(r) for r in zip(*rows)]
         return picks, layer.targets(per_model, maps), images
 

@@ -20,10 +20,16 @@ def build_model(template: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.
 
     Every entry of the template's state dict must be present. Modules whose tensors change shape get
     their size attributes (``in_features``, ``out_channels``, ``num_features``, ``normalized_shape``,
-    ...) updated by their type's resizer. Tied tensors stay tied. The template is not modified.
+    ...) updated by their type's resizer. Tied tensors stay tied. The template is not modified. A Hugging
+    Face model at other widths is its class built from a config with those widths (:mod:`.hf`).
     """
+    from . import hf
+
     expected = set(template.state_dict())
     missing, unexpected = expected - set(state_dict), set(state_dict) - expected
+    if hf.is_hf(template) and not missing and not unexpected and any(
+            tuple(t.shape) != tuple(state_dict[k].shape) for k, t in template.state_dict().items()):
+        return hf.rebuild(template, state_dict)  # its class builds every layer from the config
     if missing or unexpected:
         raise SpecError(
             f"state dict does not fit {type(template).__name__}: missing {sorted(missing)[:5]}, "
@@ -51,7 +57,7 @@ def build_model(template: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.
             module._buffers[attr] = new
         if tuple(old.shape) != tuple(tensor.shape):
             resized[path] = module
-    for path, module in resized.items():
+    for path, module in _with_parents(model, resized).items():
         resize = find_resizer(module)
         if resize is not None:
             try:
@@ -59,6 +65,18 @@ def build_model(template: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.
             except ValueError as exc:
                 raise SpecError(f"cannot resize module {path!r}: {exc}") from exc
     return model
+
+
+def _with_parents(model: nn.Module, resized: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """The resized modules and every module above them (a container may keep a width of its own: a
+    vision transformer's hidden size), deepest first."""
+    out = dict(resized)
+    for path in list(resized):
+        parts = path.split(".")
+        for i in range(len(parts) - 1, -1, -1):
+            parent = ".".join(parts[:i])
+            out.setdefault(parent, model.get_submodule(parent))
+    return dict(sorted(out.items(), key=lambda kv: -kv[0].count(".") - (kv[0] != "")))
 
 
 def _own(tensor: torch.Tensor) -> torch.Tensor:
@@ -70,9 +88,10 @@ def skeleton(template: nn.Module, spec: PermutationSpec, widths: dict[str, int])
     """The template's architecture at new group widths, holding zeros."""
     state = {}
     for key, t in template.state_dict().items():
+        source = spec.aliases.get(key, key)  # a tied tensor takes the shape of the one the spec describes
         shape = list(views.dense(spec, key, t).shape)
         for axis in range(len(shape)):
-            shape[axis] = axis_length(spec, key, axis, shape[axis], widths)
+            shape[axis] = axis_length(spec, source, axis, shape[axis], widths)
         state[key] = torch.zeros(views.stored_numel(spec, key, tuple(shape)), dtype=t.dtype).reshape(
             _stored_shape(spec, key, tuple(shape)))
     return build_model(template, state)
