@@ -67,7 +67,7 @@ def test_hugging_face_models_are_captured_with_export_and_permutation_invariant(
     assert program.frontend == "export"  # torch.fx cannot trace transformers 5's models
     spec = pleas.analyze(program).spec
     assert any("mlp" in g.name or "intermediate" in g.name for g in spec)  # the MLPs are groups
-    assert spec.notes  # attention's units are kept fixed for now, and the spec says so
+    assert any(g.width <= 4 for g in spec)  # and so are the attention heads (a few units each)
     permuted = pleas.build_model(model, pleas.permute_state_dict(model.state_dict(), spec, spec.random_permutations(3)))
     with torch.no_grad():
         out, out_p = model(torch.randint(0, 64, (3, 5))), None

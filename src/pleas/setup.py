@@ -146,6 +146,17 @@ def check_finite(state_dict: dict[str, torch.Tensor], label: str) -> None:
             raise MergeInputError(f"{label} has NaN or infinite values in {k!r}; refusing to merge")
 
 
+def _same_code(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two models run the same forward: modules of the same classes (and, for Hugging Face models,
+    the same config)."""
+    if [type(m) for m in a.modules()] != [type(m) for m in b.modules()]:
+        return False
+    config_a, config_b = getattr(a, "config", None), getattr(b, "config", None)
+    if config_a is None and config_b is None:
+        return True
+    return config_a is not None and config_b is not None and config_a.to_dict() == config_b.to_dict()
+
+
 def _constant(batches: list) -> bool:
     """Whether every calibration sample equals the first (data identity, so an exact comparison)."""
     def tensors(batch):
@@ -210,10 +221,16 @@ def prepare(models: list[nn.Module], data: Any, *, budget: float, heads: str, ma
             raise MergeInputError(
                 f"calibration batches of shape {shape} do not fit {label}: {type(exc).__name__}: {exc}"
             ) from exc
-    programs = [capture(m, example) for m in copies]
-    for label, program in zip(labels[1:], programs[1:]):
+    programs = [capture(copies[0], example)]
+    for label, model in zip(labels[1:], copies[1:]):
+        if programs[0].frontend == "export" and _same_code(copies[0], model):
+            # An export costs seconds: a model of the same class and config runs the same program.
+            programs.append(programs[0].bind(model))
+            continue
+        program = capture(model, example)
         if program.signature() != programs[0].signature():
             raise MergeInputError(f"{labels[0]} and {label} have the same tensors but different graphs (forward differs)")
+        programs.append(program)
     graph = analyze(programs[0])
     graph.spec.require_groups()
     for names in width_ties(models[0], graph.spec):
