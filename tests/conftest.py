@@ -1,5 +1,9 @@
+import os
+
 import pytest
 import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded: models are built from configs
 
 from toy_models import MLP, VGGBN, CatSkip, Mixed, Seq1d, randomise_norm_stats
 

@@ -12,9 +12,9 @@ from conftest import assert_close
 transformers = pytest.importorskip("transformers")
 
 
-def _gpt2():
-    return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2,
-                                                                n_head=4))
+def _gpt2(vocab: int = 64):
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=vocab, n_positions=32, n_embd=32,
+                                                                n_layer=2, n_head=4))
 
 
 def _llama():
@@ -143,3 +143,23 @@ def test_a_model_type_pleas_cannot_rebuild_is_named():
         pair.append(transformers.GPTNeoXForCausalLM(config).eval())
     with pytest.raises(pleas.PleasError, match=r"gpt_neox"):
         _merge(*pair, _data("gpt2"), method="rebasin", budget=1.5)
+
+
+def test_the_cli_merges_hugging_face_directories_into_one(tmp_path, capsys):
+    from pleas.cli import main
+
+    for seed, name in ((0, "a"), (1, "b")):
+        torch.manual_seed(seed)
+        _gpt2(vocab=256).save_pretrained(tmp_path / name)  # byte-level: the text's bytes are its ids
+    text = tmp_path / "text.txt"
+    text.write_text("def merge(a, b):\n    return (a + b) / 2\n" * 40)
+    out = tmp_path / "merged"
+    args = ["merge", str(tmp_path / "a"), str(tmp_path / "b"), "--data", str(text), "--seq-len", "16", "--budget",
+            "1.5", "--out", str(out), "--report", str(tmp_path / "report.json")]
+    assert main(args) == 0
+    assert "token ids" in capsys.readouterr().out
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(merged) is transformers.GPT2LMHeadModel and merged.config.n_embd > 32
+    assert (out / "pleas_report.json").is_file() and (tmp_path / "report.json").is_file()
+    assert main(args) == 2  # never over an existing directory
+    assert "exists" in capsys.readouterr().err

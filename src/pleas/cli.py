@@ -73,8 +73,20 @@ def _names(text: str) -> list[str]:
 
 def _check_outputs(args: argparse.Namespace) -> None:
     """Refuse output paths that would overwrite an input or each other, before any work is done."""
-    from .files import check_outputs
+    from pathlib import Path
 
+    from .errors import MergeInputError
+    from .files import check_outputs
+    from .io import is_pretrained_dir
+
+    if is_pretrained_dir(args.model_a):  # the merged model is a new Hugging Face directory
+        out = Path(args.out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise MergeInputError(f"--out {args.out!r} exists; give a new directory for the merged model "
+                                  "(pleas never overwrites)")
+        check_outputs({"--report": args.report, "--plot": args.plot}, [args.model_a, args.model_b, args.data,
+                                                                       args.out])
+        return
     check_outputs({"--out": args.out, "--report": args.report, "--plot": args.plot},
                   [args.model_a, args.model_b, args.data])
 
@@ -85,7 +97,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .api import merge
     from .errors import MergeInputError
     from .files import write_atomically
-    from .io import load_calibration, load_model, merged_files
+    from .io import (is_pretrained_dir, load_calibration, load_model, load_pretrained, load_tokenizer, merged_files,
+                     report_bytes, save_pretrained_atomically)
     from .methods import METHODS
 
     start = time.perf_counter()
@@ -94,23 +107,39 @@ def cmd_merge(args: argparse.Namespace) -> int:
         hint = "" if args.method else " (the default); pass --method"
         raise MergeInputError(f"unknown method {method!r}{hint}; known methods: {sorted(METHODS)}")
     _check_outputs(args)
-    model_a = load_model(args.arch, args.kwargs, args.model_a)
-    model_b = load_model(args.arch, args.kwargs, args.model_b)
-    data = load_calibration(args.data, args.samples, seed=args.seed)
+    pretrained = is_pretrained_dir(args.model_a)
+    if pretrained:
+        model_a, model_b = load_pretrained(args.model_a), load_pretrained(args.model_b)
+        tokenizer = load_tokenizer(args.model_a)
+    elif args.arch is None:
+        raise MergeInputError("--arch is needed for checkpoint files (not for Hugging Face model directories)")
+    else:
+        model_a = load_model(args.arch, args.kwargs, args.model_a)
+        model_b = load_model(args.arch, args.kwargs, args.model_b)
+        tokenizer = None
+    data = load_calibration(args.data, args.samples, seed=args.seed, tokenizer=tokenizer, seq_len=args.seq_len)
     result = merge(
         model_a, model_b, data, method=method, budget=args.budget, budget_metric=args.budget_metric,
-        heads=args.heads, matching=args.matching,
+        heads=args.heads, matching=args.matching, norm_stats=args.norm_stats,
         seed=args.seed, batch_size=args.batch_size, progress=sys.stderr.isatty(), **args.options,
     )
-    info = {"arch": args.arch, "kwargs": args.kwargs}
-    contents = merged_files(result, args.out, args.report, info=info)
-    if args.plot:
-        from pathlib import Path
+    info = {"arch": args.arch, "kwargs": args.kwargs} if not pretrained else {"pretrained": True}
+    from pathlib import Path
 
+    extra = {}
+    if args.plot:
         from .plots import merge_fractions_png
 
-        contents[Path(args.plot)] = merge_fractions_png(result)
-    write_atomically(contents)  # every output, or none
+        extra[Path(args.plot)] = merge_fractions_png(result)
+    if pretrained and hasattr(result.model, "save_pretrained"):
+        report = report_bytes(result, info)
+        if args.report:
+            extra[Path(args.report)] = report
+        write_atomically(extra)  # the report and the plot first: the model directory appears last, whole
+        save_pretrained_atomically(result.model, args.out, {"pleas_report.json": report})
+    else:
+        contents = merged_files(result, args.out, args.report, info=info)
+        write_atomically({**contents, **extra})  # every output, or none
     for warning in result.report.get("warnings", []):
         print(f"warning  {warning}", file=sys.stderr)
     groups = result.report.get("groups", [])
@@ -127,7 +156,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if ratios:
         print(f"widths   {len(groups)} groups, {new_units} units from {src_units} per source "
               f"(per group {min(ratios):.2f}x to {max(ratios):.2f}x)")
-    print(f"calib    {data.shape[0]} samples of shape {tuple(data.shape[1:])}")
+    print(f"calib    {data.shape[0]} samples of shape {tuple(data.shape[1:])}"
+          + (" (token ids)" if not data.dtype.is_floating_point else ""))
     print(f"wrote    {args.out}" + (f" and {args.report}" if args.report else "") + (f" and {args.plot}" if args.plot else ""))
     print(f"seconds  {time.perf_counter() - start:.2f} (merge {result.report.get('seconds', {}).get('total', 0):.2f})")
     return 0
@@ -209,13 +239,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Merge two checkpoints of one architecture; writes the merged state dict as safetensors "
         "(rebuild it with pleas.io.load_merged) and optionally a JSON report. Nothing is written on error.",
     )
-    p.add_argument("model_a", help="first checkpoint (.safetensors, or a torch file with a state dict)")
-    p.add_argument("model_b", help="second checkpoint, same architecture")
-    p.add_argument("--arch", required=True, help="torchvision/timm/pleas model name, or module.path:factory")
+    p.add_argument("model_a", help="first checkpoint (.safetensors, or a torch file with a state dict), or a Hugging "
+                   "Face model directory (config.json + safetensors)")
+    p.add_argument("model_b", help="second checkpoint or directory, same architecture")
+    p.add_argument("--arch", default=None, help="torchvision/timm/pleas model name, or module.path:factory (for "
+                   "checkpoint files)")
     p.add_argument("--kwargs", type=_kwargs, default={}, help="JSON object of factory arguments")
     p.add_argument("--data", required=True,
                    help="calibration inputs: mnist, digits, mnist1d (optionally name:resolution, e.g. digits:16), "
-                   "or a .npy / .pt file holding an array (N, ...)")
+                   "a .npy / .pt file holding an array (N, ...) (integers: token ids), or a .txt file of text (cut "
+                   "into --seq-len tokens with the model directory's tokenizer, or bytes)")
+    p.add_argument("--seq-len", type=_positive_int, default=128, help="tokens per calibration window of a .txt file "
+                   "(default 128)")
     p.add_argument("--samples", type=_positive_int, default=None,
                    help="use at most this many calibration samples, chosen with --seed (default: all)")
     p.add_argument("--budget", type=float, default=1.0, help="merged size relative to one source model (default 1.0)")
@@ -223,11 +258,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--options", type=_kwargs, default={}, help="JSON object of method options, e.g. '{\"alpha\": 0.5}'")
     p.add_argument("--heads", choices=("shared", "separate"), default="shared",
                    help="shared: one label space; separate: each source keeps its own head (default shared)")
-    p.add_argument("--matching", choices=("activation", "weight"), default="activation",
+    p.add_argument("--matching", choices=("activation", "weight", "identity"), default="activation",
                    help="how units are matched (default activation)")
+    p.add_argument("--norm-stats", choices=("auto", "data", "sources"), default="auto",
+                   help="where running norm statistics come from (default auto: the data when it matches the "
+                   "sources' stored statistics)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
     p.add_argument("--batch-size", type=_positive_int, default=256, help="calibration batch size (default 256)")
-    p.add_argument("--out", required=True, help="where to write the merged model (.safetensors)")
+    p.add_argument("--out", required=True, help="where to write the merged model (.safetensors; a new directory for "
+                   "Hugging Face models)")
     p.add_argument("--report", help="also write the JSON report (sizes, widths, timings) here")
     p.add_argument("--plot", help="also save a bar chart of each group's merged fraction here (.png; needs matplotlib)")
     p.add_argument("--budget-metric", choices=METRICS, default="params",

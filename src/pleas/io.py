@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +35,7 @@ CHECKPOINT_FORMATS = (
 #: What :func:`load_calibration` accepts, for error messages.
 CALIBRATION_FORMATS = (
     "a packaged dataset name ('mnist', 'digits', 'mnist1d', optionally with a resolution like 'digits:16'), "
-    "or a .npy / .pt file holding an array (N, ...)"
+    "a .npy / .pt file holding an array (N, ...) (integer arrays: token ids), or a .txt file of text"
 )
 #: Key of the safetensors metadata entry written by :func:`save_merged`.
 METADATA_KEY = "pleas"
@@ -250,16 +252,19 @@ def _tensor_from_dataset(spec: str, *, split: str, seed: int) -> Tensor:
 
 
 def load_calibration(
-    spec: str | os.PathLike, samples: int | None = None, *, seed: int = 0, split: str = "train"
+    spec: str | os.PathLike, samples: int | None = None, *, seed: int = 0, split: str = "train",
+    tokenizer: Any = None, seq_len: int = 128,
 ) -> Tensor:
-    """Calibration inputs as a float32 tensor (N, ...).
+    """Calibration inputs as a tensor (N, ...): float32 for numbers, int64 for integer ids.
 
     Args:
         spec: a packaged dataset name ``"mnist"``, ``"digits"`` or ``"mnist1d"``, optionally with a
             resolution ``"name:R"`` (images resized to R x R, e.g. ``"digits:16"``), loaded with
             :func:`pleas.datasets.load` (``split`` of it; inputs only); or a path to a ``.npy``
             file or a ``.pt`` file (a tensor, an ``(inputs, labels)`` pair, or a dict with an ``"x"``
-            tensor; read with ``weights_only=True``).
+            tensor; read with ``weights_only=True``; integer arrays are token ids), or a ``.txt`` file of
+            text, cut into windows of ``seq_len`` tokens (``tokenizer``: a Hugging Face tokenizer or any
+            callable from text to ids; None: the text's UTF-8 bytes, for byte-level models).
         samples: if given, at most this many samples, chosen at random (seeded by ``seed``); all of
             them if there are fewer.
         seed: seeds the subset choice (and the packaged datasets' train/test split).
@@ -274,6 +279,9 @@ def load_calibration(
     if path.suffix.lower() in (".npy", ".pt", ".pth"):
         _check_readable(path, "calibration file", CALIBRATION_FORMATS)
         x, label = _tensor_from_file(path), f"calibration file {text!r}"
+    elif path.suffix.lower() == ".txt":
+        _check_readable(path, "calibration text", CALIBRATION_FORMATS)
+        x, label = text_windows(path, tokenizer, seq_len, samples, seed), f"calibration text {text!r}"
     elif path.exists() and not _is_dataset_name(text):
         raise MergeInputError(f"calibration file {text!r} has an unsupported type; expected {CALIBRATION_FORMATS}")
     else:
@@ -282,13 +290,94 @@ def load_calibration(
         raise MergeInputError(f"{label} has shape {tuple(x.shape)}; expected (N, ...) with at least 2 dimensions")
     if x.shape[0] == 0 or x.numel() == 0:
         raise MergeInputError(f"{label} is empty (shape {tuple(x.shape)}); it must hold at least one sample")
-    x = x.to(torch.float32)
-    if not torch.isfinite(x).all():
-        raise MergeInputError(f"{label} contains NaN or infinite values")
+    if x.dtype.is_floating_point:
+        x = x.to(torch.float32)
+        if not torch.isfinite(x).all():
+            raise MergeInputError(f"{label} contains NaN or infinite values")
+    else:
+        x = x.long()  # token ids: never cast to float
     if samples is not None and samples < x.shape[0]:
         order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
         x = x[order[:samples].sort().values]
     return x.contiguous()
+
+
+def text_windows(path: Path, tokenizer: Any, seq_len: int, samples: int | None, seed: int) -> Tensor:
+    """Token ids (N, seq_len) cut from a text file: the whole text tokenised (``tokenizer``, a Hugging
+    Face tokenizer or a callable returning ids; None: UTF-8 bytes), split into consecutive windows."""
+    seq_len = _positive_int(seq_len, "seq_len")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if tokenizer is None:
+        ids = list(text.encode("utf-8"))
+    else:
+        out = tokenizer(text)
+        ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
+    windows = len(ids) // seq_len
+    if windows == 0:
+        raise MergeInputError(f"calibration text {str(path)!r} holds {len(ids)} tokens, fewer than one window of "
+                              f"{seq_len}; give more text or a smaller --seq-len")
+    return torch.tensor(ids[: windows * seq_len], dtype=torch.long).view(windows, seq_len)
+
+
+# ------------------------------------------------------------------------------------ Hugging Face directories
+
+
+def is_pretrained_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a Hugging Face model directory (a config.json beside the weights)."""
+    return Path(path).is_dir() and (Path(path) / "config.json").is_file()
+
+
+def load_pretrained(path: str | os.PathLike) -> nn.Module:
+    """The model saved in a Hugging Face directory (config.json + safetensors, sharded or not), built as
+    the class its config names, from local files only; in eval mode."""
+    try:
+        import transformers
+    except ImportError as exc:
+        raise MergeInputError(f"{str(path)!r} is a Hugging Face model directory; reading it needs transformers "
+                              "(pip install 'pleas[transformers]')") from exc
+    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    names = getattr(config, "architectures", None) or []
+    cls = next((getattr(transformers, n) for n in names if hasattr(transformers, n)), None)
+    if cls is None:
+        raise MergeInputError(f"{str(path)!r}: config.json names no model class transformers knows ({names})")
+    try:
+        return cls.from_pretrained(path, local_files_only=True).eval()
+    except (OSError, ValueError) as exc:
+        raise MergeInputError(f"{str(path)!r} could not be loaded as {cls.__name__}: {exc}") from exc
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer saved beside a Hugging Face model, or None (byte-level models keep none)."""
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
+    if not any((Path(path) / name).is_file() for name in names):
+        return None
+    try:
+        import transformers
+
+        return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (ImportError, OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def save_pretrained_atomically(model: nn.Module, path: str | os.PathLike, extra: dict[str, bytes]) -> None:
+    """``model.save_pretrained`` into a new directory ``path`` (with ``extra`` files beside), written
+    under a temporary name and renamed into place: no partial directory is left on failure."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise MergeInputError(f"{str(path)!r} exists; give a new directory for the merged model")
+    if not path.parent.is_dir():
+        raise MergeInputError(f"cannot write {str(path)!r}: directory {str(path.parent)!r} does not exist")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        model.save_pretrained(tmp)
+        for name, payload in extra.items():
+            (tmp / name).write_bytes(payload)
+        if path.exists():
+            path.rmdir()
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 # ------------------------------------------------------------------------------------ merged models
@@ -351,11 +440,16 @@ def merged_files(
     meta = merged_metadata(result, info)
     contents = {path: safetensors_bytes(state, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})}
     if report_path is not None:
-        report = dict(result.report or {})
-        if info:
-            report["info"] = info
-        contents[report_path] = (json.dumps(_json(report), indent=2, sort_keys=True) + "\n").encode("utf-8")
+        contents[report_path] = report_bytes(result, info)
     return contents
+
+
+def report_bytes(result: "MergeResult", info: dict[str, Any] | None = None) -> bytes:
+    """``result.report`` (with ``info``) as the JSON pleas writes."""
+    report = dict(result.report or {})
+    if info:
+        report["info"] = info
+    return (json.dumps(_json(report), indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
 def save_merged(

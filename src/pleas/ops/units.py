@@ -144,9 +144,7 @@ class UnitTable:
             known = self.members[key]
             if len(known.ids) != len(ids):
                 raise SpecError(f"{param} axis {axis} is used with {len(known.ids)} and with {len(ids)} entries")
-            self.union(known.ids, ids)
-            if known.role != role:
-                self.notes.append(f"{param} axis {axis} both produces and reads units (tied weights)")
+            self.union(known.ids, ids)  # (an output layer tied to the input embedding keeps the embedding's role)
             return
         self.members[key] = Record(param, axis, role, ids)
 
