@@ -6,6 +6,7 @@ Each takes what it needs and returns a plain object; none changes the setup.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -130,9 +131,16 @@ class Built:
     _graph: ModelGraph | None = field(default=None, repr=False)
 
     def graph(self, setup: MergeSetup) -> ModelGraph:
-        """The merged model's capture and analysis (made once)."""
+        """The merged model's capture and analysis (made once; a merged model with the source's every shape
+        runs the source's capture, and its analysis is the source's)."""
         if self._graph is None:
-            self._graph = analyze(capture(self.model, setup.graph.program.example))
+            source = setup.models[0].state_dict()
+            same = list(source) == list(self.model.state_dict()) and all(
+                t.shape == source[k].shape for k, t in self.model.state_dict().items())
+            if same and type(self.model) is type(setup.models[0]):
+                self._graph = dataclasses.replace(setup.graph, program=setup.graph.program.bind(self.model))
+            else:
+                self._graph = analyze(capture(self.model, setup.graph.program.example))
         return self._graph
 
     def tensors(self, setup: MergeSetup) -> dict[str, torch.Tensor]:
