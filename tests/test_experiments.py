@@ -124,6 +124,7 @@ MODELS = {  # name: (kwargs, input shape)
     "vgg": (dict(in_channels=1, num_classes=5, width=8, depth=(1, 2, 1)), (3, 1, 16, 16)),
     "resnet20": (dict(in_channels=1, num_classes=5, width=1), (3, 1, 16, 16)),
     "cnn1d": (dict(num_classes=5, width=8), (3, 1, 40)),
+    "vit": (dict(in_channels=1, num_classes=5, img_size=16, embed_dim=16, depth=1, num_heads=2), (3, 1, 16, 16)),
 }
 
 

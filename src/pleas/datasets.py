@@ -15,6 +15,13 @@ Known datasets:
 
 "mnist" and "digits" are split 80% train / 20% test, stratified by class, deterministically given
 ``seed``. "mnist1d" uses the package's own 4,000 / 1,000 split of the generated samples.
+
+Byte-level text for language models, from what ships with Python (vocabulary 256: token id = byte):
+
+* :func:`byte_corpus` ``(domain, split)``: "code" (the standard library's ``.py`` files) or "prose"
+  (the help texts of ``pydoc_data.topics``), "train" or "heldout", as one uint8 tensor;
+* :func:`byte_windows`: seeded calibration windows, half from each domain;
+* :func:`random_windows`, :func:`spaced_windows`: windows of any 1-D token tensor.
 """
 from __future__ import annotations
 
@@ -254,3 +261,169 @@ def _generate_mnist1d(gen_seed: int) -> dict[str, np.ndarray]:
 
 
 _LOADERS = {"mnist": _load_mnist, "digits": _load_digits, "mnist1d": _load_mnist1d}
+
+
+# ----------------------------------------------------------------------------------------- bytes
+#
+# Byte-level language-model text from what ships with Python itself, so nothing is downloaded.
+
+#: The two text domains of :func:`byte_corpus`, in the order of the LM pair (model A, model B).
+BYTE_DOMAINS = ("code", "prose")
+#: Size of the byte vocabulary: token ids are the raw byte values 0..255.
+BYTE_VOCAB = 256
+#: Fraction of each document (by bytes, cut at a line boundary) that goes to the training split.
+BYTE_TRAIN_FRACTION = 0.9
+#: Placed between documents: NUL occurs in none of the texts, so it marks "end of document" the way
+#: GPT-2's <|endoftext|> does.
+BYTE_SEPARATOR = b"\x00"
+#: Directories below the standard library that are left out of "code": tests (much of the stdlib's
+#: bytes, and repetitive), installed third-party packages (pyenv puts site-packages inside the stdlib
+#: directory), and pydoc_data, which holds the "prose" domain.
+_CODE_EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "pydoc_data"})
+_BYTE_SPLITS = ("train", "heldout")
+
+
+def _check_domain(domain: str) -> None:
+    if domain not in BYTE_DOMAINS:
+        raise ValueError(f"unknown byte domain {domain!r}; allowed are {', '.join(map(repr, BYTE_DOMAINS))}")
+
+
+def _code_documents() -> list[tuple[str, bytes]]:
+    """(relative path, raw bytes) of the standard library's ``.py`` files, sorted by path.
+
+    Left out: files under :data:`_CODE_EXCLUDED_DIRS`, the build's ``config-*`` directory and the
+    ``_sysconfigdata_*`` modules (both generated per machine, so the text depends only on the Python
+    version)."""
+    import os
+    import sysconfig
+
+    root = sysconfig.get_paths()["stdlib"]
+    docs = []
+    for directory, subdirs, files in os.walk(root):
+        # Pruned in place so os.walk skips them; sorted so the walk order is fixed (the list is re-sorted anyway).
+        subdirs[:] = sorted(d for d in subdirs if d not in _CODE_EXCLUDED_DIRS and not d.startswith("config-"))
+        for name in sorted(files):
+            if name.endswith(".py") and not name.startswith("_sysconfigdata_"):
+                path = os.path.join(directory, name)
+                with open(path, "rb") as fh:
+                    docs.append((os.path.relpath(path, root).replace(os.sep, "/"), fh.read()))
+    if not docs:
+        raise RuntimeError(f"found no .py files under the standard library directory {root!r}")
+    return sorted(docs)
+
+
+def _prose_documents() -> list[tuple[str, bytes]]:
+    """(topic, UTF-8 text) of ``pydoc_data.topics.topics`` (the help texts of ``help('topic')``), sorted."""
+    from pydoc_data.topics import topics
+
+    return sorted((name, text.encode("utf-8")) for name, text in topics.items())
+
+
+def _split_document(text: bytes) -> tuple[bytes, bytes]:
+    """(train, held-out) parts of one document: the cut is the first line start at or after
+    :data:`BYTE_TRAIN_FRACTION` of its bytes (no cut, all train, if there is none)."""
+    newline = text.find(b"\n", int(BYTE_TRAIN_FRACTION * len(text)))
+    if newline < 0 or newline + 1 >= len(text):
+        return text, b""
+    return text[: newline + 1], text[newline + 1 :]
+
+
+@functools.lru_cache(maxsize=None)
+def _byte_splits(domain: str) -> tuple[bytes, bytes]:
+    documents = _code_documents() if domain == "code" else _prose_documents()
+    parts = [_split_document(text) for _, text in documents]
+    return tuple(BYTE_SEPARATOR.join(p[i] for p in parts if p[i]) for i in (0, 1))  # type: ignore[return-value]
+
+
+def byte_corpus(domain: str, split: str = "train") -> Tensor:
+    """One split of a byte-level text domain, as a 1-D uint8 tensor of raw bytes (token ids 0..255).
+
+    Domains (nothing is downloaded; the text depends only on the Python version):
+
+    * ``"code"``: every ``.py`` file of the running Python's standard library
+      (``sysconfig.get_paths()["stdlib"]``), as raw bytes, sorted by relative path; excluded are the
+      directories ``test``, ``tests``, ``idle_test`` (tests), ``site-packages``, ``dist-packages``
+      (third-party packages), ``pydoc_data`` (the prose domain), the build's ``config-*`` directory and
+      the generated ``_sysconfigdata_*`` modules. Python 3.11.7: 730 files, 10.2 MB train and 1.1 MB
+      held-out.
+    * ``"prose"``: the English help texts of ``pydoc_data.topics.topics`` (what ``help("topic")``
+      prints), UTF-8, sorted by topic name. Python 3.11.7: 79 topics, 422 KB train and 44 KB held-out.
+
+    Splits: each document (file or topic) is cut at the first line start at or after 90% of its
+    bytes; ``"train"`` holds the first parts, ``"heldout"`` the last parts (about 10% of the domain;
+    a one-line document is all train). The parts of one split are joined in document order with a
+    NUL byte (:data:`BYTE_SEPARATOR`), which occurs in neither text. Read once per process.
+    """
+    _check_domain(domain)
+    if split not in _BYTE_SPLITS:
+        raise ValueError(f"unknown split {split!r} for byte domain {domain!r}; allowed are 'train' and 'heldout'")
+    text = _byte_splits(domain)[_BYTE_SPLITS.index(split)]
+    return torch.frombuffer(bytearray(text), dtype=torch.uint8)
+
+
+def corpus_digest(domain: str, split: str = "train") -> str:
+    """A short SHA-256 hex digest of :func:`byte_corpus` ``(domain, split)``: what trained weights
+    depend on (the stdlib differs between Python versions), so cache keys can include it."""
+    import hashlib
+
+    _check_domain(domain)
+    if split not in _BYTE_SPLITS:
+        raise ValueError(f"unknown split {split!r}; allowed are 'train' and 'heldout'")
+    return hashlib.sha256(_byte_splits(domain)[_BYTE_SPLITS.index(split)]).hexdigest()[:16]
+
+
+def _check_window(text: Tensor, count: int, length: int) -> None:
+    for name, value in (("count", count), ("length", length)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if text.dim() != 1:
+        raise ValueError(f"text must be a 1-D tensor of token ids, got shape {tuple(text.shape)}")
+    if length > len(text):
+        raise ValueError(f"windows of {length} tokens do not fit in a text of {len(text)} tokens")
+
+
+def random_windows(text: Tensor, count: int, length: int, generator: torch.Generator) -> Tensor:
+    """``count`` windows of ``length`` consecutive tokens of ``text`` (1-D) at start offsets drawn
+    uniformly (with replacement) from ``generator``; int64 (count, length)."""
+    _check_window(text, count, length)
+    starts = torch.randint(0, len(text) - length + 1, (count,), generator=generator)
+    return text[starts[:, None] + torch.arange(length)].long()
+
+
+def spaced_windows(text: Tensor, count: int, length: int) -> Tensor:
+    """``count`` windows of ``length`` tokens of ``text`` (1-D) at evenly spaced start offsets from the
+    first token to the last full window (no randomness; they do not overlap when the text holds
+    ``count * length`` tokens); int64 (count, length)."""
+    _check_window(text, count, length)
+    last = len(text) - length
+    starts = torch.tensor([0 if count == 1 else (i * last) // (count - 1) for i in range(count)])
+    return text[starts[:, None] + torch.arange(length)].long()
+
+
+def byte_windows(
+    n: int,
+    length: int = 128,
+    *,
+    seed: int = 0,
+    split: str = "train",
+    domains: Sequence[str] = BYTE_DOMAINS,
+) -> Tensor:
+    """Calibration windows: ``n`` random windows of ``length`` bytes, int64 token ids (n, length).
+
+    The windows are split between ``domains`` as evenly as possible, in order and in blocks (for the
+    default pair: the first ``n // 2`` rows from "code", the other ``(n + 1) // 2`` from "prose", like
+    the calibration of the image tasks), each at a uniformly random offset of that domain's
+    :func:`byte_corpus` ``split``, drawn from one generator seeded with ``seed``.
+    """
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    if not domains:
+        raise ValueError("domains must name at least one byte domain")
+    for domain in domains:
+        _check_domain(domain)
+    generator = torch.Generator().manual_seed(seed)
+    k = len(domains)
+    # Domain i gets (n + i) // k rows: the counts sum to n and the later domains take the remainder.
+    parts = [random_windows(byte_corpus(d, split), (n + i) // k, length, generator)
+             for i, d in enumerate(domains) if (n + i) // k]
+    return torch.cat(parts)

@@ -8,6 +8,7 @@ control flow; flattening is done with ``nn.Flatten`` or ``torch.flatten``.
 * :func:`resnet20`: (N, C, H, W) -> CIFAR-style ResNet-20 (3 stages x 3 BasicBlocks) -> GAP -> Linear.
 * :func:`cnn1d`: (N, C, L) -> 3 blocks of [Conv1d, BN, ReLU, MaxPool1d(2)] -> GAP -> Linear.
 * :func:`torchvision_resnet18`: torchvision's ResNet-18 with ``in_channels`` input channels (needs torchvision).
+* :func:`vit`: timm's ``VisionTransformer`` with a small configuration (needs timm).
 
 :func:`create` looks a factory up by name and can seed the initialisation.
 """
@@ -177,12 +178,45 @@ def torchvision_resnet18(in_channels: int, num_classes: int) -> nn.Module:
     return model
 
 
+def vit(
+    in_channels: int,
+    num_classes: int,
+    *,
+    img_size: int,
+    patch_size: int = 4,
+    embed_dim: int = 64,
+    depth: int = 4,
+    num_heads: int = 4,
+    mlp_ratio: float = 4.0,
+) -> nn.Module:
+    """timm's ``VisionTransformer`` (random weights; a plain ``nn.Module``): (N, in_channels, img_size,
+    img_size) -> logits (N, num_classes). Non-overlapping ``patch_size`` patches embedded to ``embed_dim``
+    by a strided conv, a class token and learned position embeddings, ``depth`` pre-norm blocks
+    (LayerNorm, ``num_heads``-head self-attention, LayerNorm, GELU MLP of ``mlp_ratio`` x ``embed_dim``),
+    a final LayerNorm and a Linear head on the class token. No dropout.
+    """
+    _check_positive(in_channels=in_channels, num_classes=num_classes, img_size=img_size, patch_size=patch_size,
+                    embed_dim=embed_dim, depth=depth, num_heads=num_heads)
+    if img_size % patch_size:
+        raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+    if embed_dim % num_heads:
+        raise ValueError(f"embed_dim {embed_dim} is not a multiple of num_heads {num_heads}")
+    try:
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("vit needs timm: pip install 'pleas[vision]'") from err
+    return VisionTransformer(img_size=img_size, patch_size=patch_size, in_chans=in_channels, num_classes=num_classes,
+                             embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                             class_token=True, global_pool="token")
+
+
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "mlp": mlp,
     "vgg": vgg,
     "resnet20": resnet20,
     "cnn1d": cnn1d,
     "torchvision_resnet18": torchvision_resnet18,
+    "vit": vit,
 }
 
 

@@ -2,7 +2,7 @@
 the demo and the benchmarks, cached. Kept apart from the merging core, which it uses like any user
 (the small architectures are :mod:`pleas.models`, the packaged datasets :mod:`pleas.datasets`).
 
-Submodules: :mod:`.train`, :mod:`.sources`.
+Submodules: :mod:`.train`, :mod:`.sources`, :mod:`.lm` (byte-level language models; needs transformers).
 """
 from ..cache import cache_dir, stable_hash
 from ..datasets import Dataset, known_datasets, load

@@ -5,7 +5,9 @@ A :class:`SourceRecipe` names everything that determines a trained model (archit
 arguments, dataset, class subset, resolution, seed, epochs); :func:`train_source` trains it once
 (:func:`pleas.experiments.train.cached_model`) and loads it from the cache afterwards.
 :func:`domain_models` gives the two-domain pair of the benchmarks: a model trained on MNIST and one on
-the UCI digits, one 10-class label space.
+the UCI digits, one 10-class label space. :func:`vit_models` gives a pair of small vision transformers
+on the MNIST halves (digits 0-4 and 5-9, separate heads). The byte-level language models are in
+:mod:`pleas.experiments.lm`.
 """
 from __future__ import annotations
 
@@ -27,6 +29,15 @@ DOMAIN_ARCH = "resnet20"
 DOMAIN_KWARGS = {"in_channels": 1, "num_classes": 10, "width": 1}
 DOMAIN_RESOLUTION = 16
 DOMAIN_EPOCHS = 12
+#: The ViT pair of :func:`vit_models`: timm's VisionTransformer (:func:`pleas.models.vit`) on 16x16 MNIST
+#: (4x4 patches: 16 tokens and a class token), one 5-class head per half, like the image tasks' CNNs.
+VIT_ARCH = "vit"
+VIT_RESOLUTION = 16
+VIT_KWARGS = {"in_channels": 1, "num_classes": 5, "img_size": VIT_RESOLUTION, "patch_size": 4, "embed_dim": 64,
+              "depth": 4, "num_heads": 4, "mlp_ratio": 4.0}
+VIT_EPOCHS = 40
+#: The halves of :func:`vit_models`: (model name, digits), the same as the "mnist-halves" task's.
+HALVES = (("A", (0, 1, 2, 3, 4)), ("B", (5, 6, 7, 8, 9)))
 
 
 @dataclass(frozen=True)
@@ -118,3 +129,21 @@ def domain_models(seeds: tuple[int, int] = (0, 1), *, log: Callable[[str], None]
         source = train_source(recipe, name=name, log=log)
         models[name], trains[name], tests[name] = source.model, source.train_set, source.test_set
     return models, trains, tests
+
+
+def vit_recipe(half: int, seed: int, epochs: int = VIT_EPOCHS) -> SourceRecipe:
+    """The recipe of the ViT on half ``half`` of :data:`HALVES` (0: digits 0-4, 1: digits 5-9): the one a
+    benchmark task's ``ArchSetup("vit", VIT_KWARGS, VIT_RESOLUTION, ...)`` on "mnist-halves" builds, so
+    both share the cached weights."""
+    return SourceRecipe(VIT_ARCH, VIT_KWARGS, "mnist", HALVES[half][1], VIT_RESOLUTION, seed, epochs)
+
+
+def vit_models(seeds: tuple[int, int] = (0, 1), *, epochs: int = VIT_EPOCHS,
+               log: Callable[[str], None] | None = None) -> tuple[Source, Source]:
+    """Small ViTs (:data:`VIT_KWARGS`: 16x16 inputs, 4x4 patches, width 64, 4 blocks of 4 heads, a
+    5-class head) trained on MNIST digits 0-4 (model A, seed ``seeds[0]``) and 5-9 (model B,
+    ``seeds[1]``) for ``epochs`` epochs with :func:`train_source`'s recipe (Adam, lr 1e-3, cosine,
+    batch 128, no augmentation), cached (:func:`vit_recipe`)."""
+    return tuple(  # type: ignore[return-value]
+        train_source(vit_recipe(half, seed, epochs), name=HALVES[half][0], log=log) for half, seed in enumerate(seeds)
+    )

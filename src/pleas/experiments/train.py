@@ -199,6 +199,8 @@ def cached_model(
     key: dict,
     build: Callable[[], nn.Module],
     train: Callable[[nn.Module], nn.Module | None],
+    *,
+    metadata: dict[str, str] | None = None,
 ) -> nn.Module:
     """A trained model, trained at most once per ``key`` and cached as safetensors.
 
@@ -207,6 +209,8 @@ def cached_model(
             kwargs, dataset, classes, resolution, seed, epochs, ...). Its stable hash names the file.
         build: returns a fresh, untrained model of the right architecture (on the CPU).
         train: trains the model it is given (in place or by returning a new one).
+        metadata: extra string entries stored in the file's header beside ``key`` (e.g. a model's
+            config as JSON), written when the model is trained; an entry named "key" is replaced.
 
     Returns:
         The model in eval mode, on the CPU. On a cache hit, ``build()`` is called and the stored
@@ -214,6 +218,8 @@ def cached_model(
     """
     if not isinstance(key, dict):
         raise TypeError(f"key must be a dict describing the run, got {type(key).__name__}")
+    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise TypeError("metadata must map str to str (safetensors headers hold strings only)")
     path = model_path(key)
     model = build()
     if path.exists():
@@ -222,6 +228,6 @@ def cached_model(
     trained = train(model)
     model = model if trained is None else trained
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    meta = {"key": canonical_json(key)}
+    meta = {**(metadata or {}), "key": canonical_json(key)}
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
     return model.cpu().eval()
