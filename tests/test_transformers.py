@@ -115,6 +115,25 @@ def test_a_model_merged_with_a_permuted_copy_of_itself_comes_back(name):
     assert_close(_out(merged, x[:4]), _out(a, x[:4]), rel=1e-3)
 
 
+@pytest.mark.parametrize("name,budget", [("gpt2", 2.0), ("bert", 2.0), ("llama", 2.0)])
+def test_a_model_beside_a_permuted_copy_of_itself_comes_back(name, budget):
+    """Side by side (effective 2x) a norm over the widened stream sees the same statistics when both halves
+    are one model (not so for a partial merge, whose kept units would count twice in the norm), so the
+    merged model is that model's function, including
+    where the output layer is tied to the input embedding (GPT-2, BERT), whose kept units must count
+    half (rewrite/tied.py), not twice."""
+    factory = LANGUAGE[name]
+    torch.manual_seed(0)
+    a = factory().eval()
+    x = _data(name)
+    spec = pleas.build_spec(a, x[:2])
+    b = pleas.build_model(a, pleas.permute_state_dict(a.state_dict(), spec, spec.random_permutations(5))).eval()
+    merged = _merge(a, b, x, method="rebasin", matching="weight", norm_stats="sources", budget=budget,
+                    budget_metric="effective_params").model
+    assert merged.config.hidden_size > a.config.hidden_size
+    assert_close(_out(merged, x[:4]), _out(a, x[:4]), rel=1e-3)
+
+
 @pytest.mark.parametrize("name", [*LANGUAGE, *VISION])
 def test_the_ensemble_reproduces_both_sources(name):
     a, b = _pair({**LANGUAGE, **VISION}[name])

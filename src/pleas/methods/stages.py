@@ -20,6 +20,7 @@ from ..groups import ModelGraph, PermutationSpec, analyze
 from ..matching import Matching, activation_matching, weight_matching
 from ..rewrite import GroupMap, build_model, ensemble_map, partial_merge_map, resized, target_spec, transform_state_dicts
 from ..rewrite.heads import SeparateHeads
+from ..rewrite.tied import fold_tied_output_scales
 import warnings
 
 from ..norms.observe import NormObserver, agreement
@@ -167,6 +168,8 @@ def build(setup: MergeSetup, maps: dict[str, GroupMap], state_dicts: list[dict] 
         if setup.heads == "separate":
             target = target.with_outputs()
     state = transform_state_dicts(spec, state_dicts or setup.state_dicts, full, target=target)
+    for problem in fold_tied_output_scales(setup.graph, spec, target, full, setup.n, state):
+        warnings.warn(f"pleas: {problem}", stacklevel=3)
     return Built(build_model(setup.models[0], state).eval(), target, full)
 
 
