@@ -182,3 +182,57 @@ def test_the_cli_merges_hugging_face_directories_into_one(tmp_path, capsys):
     assert (out / "pleas_report.json").is_file() and (tmp_path / "report.json").is_file()
     assert main(args) == 2  # never over an existing directory
     assert "exists" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------ orthogonal residual matching
+
+def _random_rotation(d, seed):
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return q
+
+
+def _rotated_copy(model, x, seed=3):
+    """``model`` with its RMSNorm weights folded into their readers and its residual stream rotated at
+    random: the same function in another basis, and no permutation away from it."""
+    from pleas.groups import analyze
+    from pleas.capture import capture
+    from pleas.rewrite.rotate import fold_norm_weights, norm_readers, rotate_group, stream_group
+
+    graph = analyze(capture(model, x[:2]))
+    group = stream_group(graph.spec, model)
+    state = dict(model.state_dict())
+    readers = norm_readers(graph, group, state)
+    fold_norm_weights(readers, graph.spec, state)
+    state = rotate_group(graph.spec, group, _random_rotation(group.width, seed), state, list(readers))
+    return pleas.build_model(model, state).eval()
+
+
+def test_folding_rmsnorm_weights_and_rotating_the_stream_keeps_the_function():
+    torch.manual_seed(0)
+    a = _llama().eval()
+    for norm in [m for m in a.modules() if type(m).__name__ == "LlamaRMSNorm"]:
+        torch.nn.init.normal_(norm.weight, 1.0, 0.3)  # not all ones: the fold has something to do
+    x = _data("llama")
+    assert_close(_out(_rotated_copy(a, x), x[:4]), _out(a, x[:4]), rel=1e-4)
+
+
+def test_a_llama_merged_with_a_rotated_copy_of_itself_comes_back_only_with_orthogonal_matching():
+    torch.manual_seed(0)
+    a = _llama().eval()
+    x = _data("llama")
+    b = _rotated_copy(a, x)
+    result = _merge(a, b, x, method="rebasin", residual="orthogonal", norm_stats="sources")
+    assert type(result.model) is type(a) and result.report["aligned"]
+    assert_close(_out(result.model, x[:4]), _out(a, x[:4]), rel=1e-3)
+    permuted = _merge(a, b, x, method="rebasin", norm_stats="sources").model  # a rotation is no permutation
+    err = (_out(permuted, x[:4]) - _out(a, x[:4])).abs().max() / _out(a, x[:4]).abs().max()
+    assert err > 0.05
+    assert all(torch.isfinite(p).all() for p in a.parameters())
+
+
+def test_orthogonal_matching_refuses_a_layernorm_stream():
+    a, b = _pair(_gpt2)
+    with pytest.raises(pleas.MergeInputError, match="LayerNorm"):
+        _merge(a, b, _data("gpt2"), residual="orthogonal")
+    with pytest.raises(pleas.MergeInputError, match="residual="):
+        _merge(a, b, _data("gpt2"), residual="rotation")

@@ -12,7 +12,7 @@ from .errors import MergeInputError
 from .methods import get_method
 from .methods.stages import zero_blocks
 from .result import MergeResult, describe, size_report
-from .setup import prepare
+from .setup import RESIDUALS, align_stream, prepare
 
 
 def _check_budget_value(budget: Any) -> float:
@@ -39,6 +39,7 @@ def merge(
     batch_size: int = 256,
     budget_metric: str = "params",
     norm_stats: str = "auto",
+    residual: str = "permutation",
     progress: bool = True,
     **options: Any,
 ) -> MergeResult:
@@ -66,6 +67,12 @@ def merge(
             on the calibration data, REPAIR-style), ``"sources"`` (the sources' stored statistics carried
             through the merge), or ``"auto"``: "data" when the calibration data's statistics agree with the
             sources' stored ones, else "sources" (pleas.norms.observe; the report says which and why).
+        residual: how B's residual stream (the group an input embedding writes) is aligned to A's:
+            ``"permutation"`` like every other group, or ``"orthogonal"``: each RMSNorm weight on it folded
+            into the maps that read it, then B's stream rotated by the orthogonal Procrustes solution on
+            the two streams' cross-covariance (exact symmetries: both models keep their functions), after
+            which its units are paired as they stand (Llama, Mistral, Qwen2: RMSNorm models; a LayerNorm
+            on the stream, which subtracts the mean, is an error). ``report["aligned"]`` describes it.
         seed: makes every random choice reproducible.
         device, dtype: where and in which floating dtype the merge runs; ``dtype=None`` keeps the models'
             own (float32 if they mix dtypes). The merged model has that dtype.
@@ -78,6 +85,8 @@ def merge(
     start = time.perf_counter()
     algo = get_method(method, **options)
     budget = _check_budget_value(budget)
+    if residual not in RESIDUALS:
+        raise MergeInputError(f"residual={residual!r}; allowed: {', '.join(map(repr, RESIDUALS))}")
     if algo.max_budget is not None and budget > algo.max_budget:
         raise MergeInputError(f"method {method!r} makes models of size at most {algo.max_budget:g}x; got budget={budget}")
     with warnings.catch_warnings(record=True) as caught:
@@ -85,6 +94,8 @@ def merge(
         setup = prepare([model_a, model_b], data, budget=budget, heads=heads, matching=matching, seed=seed,
                         device=device, dtype=dtype, batch_size=batch_size, norm_stats=norm_stats, progress=progress,
                         budget_metric=budget_metric)
+        if residual == "orthogonal":
+            align_stream(setup)
         if algo.uses_budget:
             setup.check_budget()
         t_setup = time.perf_counter()
@@ -105,6 +116,8 @@ def merge(
         "matching": matching,
         "seed": seed,
         "norm_stats": norm_stats,
+        "residual": residual,
+        **({"aligned": setup.aligned} if setup.aligned else {}),
         "dtype": str(setup.dtype).replace("torch.", ""),
         "calibration_samples": setup.data.samples(),
         "size": size_report(setup, built, outcome.model, model_a, zero_blocks(setup, built) if built.model is not None else {}),

@@ -42,6 +42,9 @@ class MergeSetup:
     batches: list = field(default_factory=list, repr=False)
     dtype: torch.dtype = torch.float32
     own_batches: list | None = field(default=None, repr=False)
+    #: groups aligned by a rotation before the merge (their matching is then the identity): name -> what
+    #: the report says of it
+    aligned: dict[str, dict] = field(default_factory=dict)
 
     def batches_of(self, i: int) -> list:
         """Model i's own calibration batches (all of them when the data is shared)."""
@@ -246,3 +249,42 @@ def prepare(models: list[nn.Module], data: Any, *, budget: float, heads: str, ma
         warnings.warn(f"pleas: {note}", stacklevel=3)
     return MergeSetup(copies, programs, graph, calib, float(budget), heads, matching, seed, norm_stats, progress,
                       budget_metric, calib.batches(), dtype, own)
+
+
+RESIDUALS = ("permutation", "orthogonal")
+
+
+def align_stream(setup: MergeSetup) -> None:
+    """Rotate model B's residual stream onto model A's (``residual="orthogonal"``, two models): every
+    RMSNorm weight on the stream folded into the maps that read it (both models), then B's stream rotated
+    by the orthogonal Procrustes solution on the stream's cross-covariance (:mod:`pleas.rewrite.rotate`,
+    :mod:`pleas.matching.orthogonal`). Both models compute the same functions as before; the setup's
+    models and programs are updated in place, and the stream group is recorded in ``setup.aligned`` so
+    that matching pairs its units as they now stand."""
+    from .matching.orthogonal import cross_covariance, procrustes
+    from .rewrite.rotate import fold_norm_weights, norm_readers, rotate_group, stream_group
+    from .statistics import MomentsObserver, source_pass
+
+    if setup.n != 2:
+        raise MergeInputError(f"residual='orthogonal' aligns two models; got {setup.n}")
+    group = stream_group(setup.spec, setup.models[0])
+    states = [dict(m.state_dict()) for m in setup.models]
+    readers = norm_readers(setup.graph, group, states[0])
+    observer = MomentsObserver([group], 2, max(32 * 2 * group.width // max(len(setup.batches), 1), 1024),
+                               setup.seed, cross=True)
+    source_pass(setup.programs, setup.batches, [observer], progress=setup.progress, desc="residual stream")
+    stat = observer.moments[group.name]
+    cov = cross_covariance(stat)
+    rotation = procrustes(cov)
+    before = float(torch.diagonal(cov).sum())
+    for state in states:
+        fold_norm_weights(readers, setup.spec, state)
+    states[1] = rotate_group(setup.spec, group, rotation, states[1], list(readers))
+    for model, program, state in zip(setup.models, setup.programs, states):
+        model.load_state_dict(state)
+        if program.frontend == "export":  # an exported program holds copies of the tensors
+            program.gm.load_state_dict(model.state_dict(), strict=False)
+    setup.aligned[group.name] = {
+        "how": "orthogonal", "norms_folded": sorted(readers),
+        "cross_covariance_trace": {"before": before, "after": float(torch.diagonal(cov @ rotation.T).sum())},
+    }

@@ -54,11 +54,19 @@ def match(setup: MergeSetup, moments: dict | None) -> Matching:
     """B's units matched to A's as ``setup.matching`` says: by activations (needs ``moments``), by
     weights (Git Re-Basin), or unit i with unit i ("identity")."""
     if setup.matching == "identity":
-        return Matching.identity(setup.spec)
-    if setup.matching == "weight":
+        found = Matching.identity(setup.spec)
+    elif setup.matching == "weight":
         sd_a, sd_b = setup.state_dicts
-        return weight_matching(setup.spec, sd_a, sd_b, seed=setup.seed)
-    return activation_matching(setup.spec, moments)
+        found = weight_matching(setup.spec, sd_a, sd_b, seed=setup.seed)
+    else:
+        found = activation_matching(setup.spec, moments)
+    for name in setup.aligned:  # rotated into A's basis already: unit i pairs with unit i
+        width = setup.spec[name].width
+        found.perms[name] = torch.arange(width)
+        stat = (moments or {}).get(name)
+        found.similarity[name] = (torch.diagonal(stat.correlation(rows=slice(0, width), cols=slice(width, 2 * width)))
+                                  if stat is not None and hasattr(stat, "cross") else torch.ones(width, dtype=torch.float64))
+    return found
 
 
 def needs_moments(setup: MergeSetup, allocation: str | None) -> str | None:
