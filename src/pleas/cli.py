@@ -120,7 +120,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     data = load_calibration(args.data, args.samples, seed=args.seed, tokenizer=tokenizer, seq_len=args.seq_len)
     result = merge(
         model_a, model_b, data, method=method, budget=args.budget, budget_metric=args.budget_metric,
-        heads=args.heads, matching=args.matching, norm_stats=args.norm_stats,
+        heads=args.heads, matching=args.matching, norm_stats=args.norm_stats, residual=args.residual,
         seed=args.seed, batch_size=args.batch_size, progress=sys.stderr.isatty(), **args.options,
     )
     info = {"arch": args.arch, "kwargs": args.kwargs} if not pretrained else {"pretrained": True}
@@ -263,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--norm-stats", choices=("auto", "data", "sources"), default="auto",
                    help="where running norm statistics come from (default auto: the data when it matches the "
                    "sources' stored statistics)")
+    p.add_argument("--residual", choices=("permutation", "orthogonal"), default="permutation",
+                   help="align the residual stream of a language model by a permutation or, for RMSNorm models "
+                   "(Llama, Mistral, Qwen2), by a rotation (default permutation)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
     p.add_argument("--batch-size", type=_positive_int, default=256, help="calibration batch size (default 256)")
     p.add_argument("--out", required=True, help="where to write the merged model (.safetensors; a new directory for "

@@ -170,7 +170,9 @@ def build(setup: MergeSetup, maps: dict[str, GroupMap], state_dicts: list[dict] 
     spec = setup.merged_spec
     widths = {name: gm.width for name, gm in full.items()}
     try:
-        target = resized(spec, widths)
+        # every width as in the source (1x): the units keep their places, and the source's own spec says where
+        target = spec if all(widths.get(g.name, g.width) == g.width for g in spec.groups + spec.outputs) \
+            else resized(spec, widths)
     except SpecError:  # interleaved groups: the architecture itself says where the units go
         target = target_spec(setup.models[0], spec, widths, setup.graph.program.example)
         if setup.heads == "separate":
