@@ -207,10 +207,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         suite.rerender(args.out)
         print(f"wrote {suite.OutputPaths.under(args.out).report} from the saved results")
         return 0
+    if args.part == "transformers":
+        suite.run_transformer_suite(args.out)
+        if suite.OutputPaths.under(args.out).results.exists():
+            suite.rerender(args.out)
+        return 0
     config = run.make_config(
         tasks=args.tasks, archs=args.archs, quick=args.quick, methods=args.methods, budgets=args.budgets,
         seed_pairs=args.seeds, calibration=args.calibration, epochs=args.epochs,
     )
+    if args.part == "all" and not args.quick:
+        suite.run_transformer_suite(args.out)
     suite.run_suite(config, args.out, command=_bench_command(args), progress=not args.no_progress)
     return 0
 
@@ -317,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration samples per merge, half from each domain (default 1000)")
     p.add_argument("--epochs", type=_positive_int, default=None,
                    help="training epochs of every source model (default: each architecture's own)")
+    p.add_argument("--part", choices=("all", "cnn", "transformers"), default="all",
+                   help="all (default), the CNN pairs only, or the transformer pairs only (byte-level GPT-2 and "
+                   "Llama LMs, a ViT pair), whose section is added to BENCHMARKS.md")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_bench)
     return parser

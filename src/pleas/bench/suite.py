@@ -1,7 +1,8 @@
 """The whole benchmark: run (or reload) the merges, save the raw results, write BENCHMARKS.md and the plots.
 
 Layout under the output directory ``out``: ``BENCHMARKS.md``, and in ``docs/bench/`` the plots (one PNG
-per task and architecture) and ``results.json`` (every measurement; ``--report-only`` renders from it).
+per task and architecture) and ``results.json`` (every measurement; ``--report-only`` renders from it);
+the transformer pairs (:mod:`.transformers`) in ``transformers.json`` and ``transformers.png``.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 from ..version import __version__
 from ..errors import MergeInputError
 from ..files import atomic_write
-from . import plots, report
+from . import plots, report, transformers
 from . import tasks as task_defs
 from .run import BENCH_METHODS, BenchConfig, calibration_plan, count_merges, count_students, run_benchmark
 
@@ -33,12 +34,13 @@ class OutputPaths:
     report: Path
     plots: Path
     results: Path
+    transformers: Path
 
     @classmethod
     def under(cls, out: str | os.PathLike) -> "OutputPaths":
         out = Path(out)
         plot_dir = out / "docs" / "bench"
-        return cls(out / "BENCHMARKS.md", plot_dir, plot_dir / "results.json")
+        return cls(out / "BENCHMARKS.md", plot_dir, plot_dir / "results.json", plot_dir / "transformers.json")
 
 
 def _git_commit() -> str | None:
@@ -115,7 +117,26 @@ def write_outputs(results: dict, paths: OutputPaths) -> None:
     images = plots.write_plots(results, paths.plots)
     links = {key: os.path.relpath(path, paths.report.parent) for key, path in images.items()}
     text = report.render(results, links, results_link=os.path.relpath(paths.results, paths.report.parent))
+    if paths.transformers.exists():  # measured by `pleas bench` too (or alone: --part transformers)
+        measured = json.loads(paths.transformers.read_text())
+        picture = paths.plots / "transformers.png"
+        transformers.plot(measured, picture)
+        text = text.rstrip() + "\n\n" + transformers.render(measured) + \
+            f"\n![bits per byte against the budget]({os.path.relpath(picture, paths.report.parent)})\n"
     atomic_write(paths.report, lambda tmp: Path(tmp).write_text(text))
+
+
+def run_transformer_suite(out: str | os.PathLike, *, log: Callable[[str], None] | None = None,
+                          families: tuple[str, ...] = transformers.LM_FAMILIES, vit: bool = True) -> dict:
+    """Run the transformer benchmark and save it under ``out`` (BENCHMARKS.md is written with the rest)."""
+    paths = OutputPaths.under(out)
+    log = log or (lambda text: print(text, file=sys.stderr, flush=True))
+    started = time.perf_counter()
+    measured = transformers.run_transformers(families=families, vit=vit, log=log)
+    measured["meta"] = {"machine": machine(), "total_seconds": time.perf_counter() - started,
+                        "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    save_results(measured, paths.transformers)
+    return measured
 
 
 def run_suite(config: BenchConfig, out: str | os.PathLike, *, command: str, progress: bool = True,
