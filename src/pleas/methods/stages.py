@@ -18,7 +18,8 @@ from ..capture import capture
 from ..errors import MergeInputError, SpecError
 from ..groups import ModelGraph, PermutationSpec, analyze
 from ..matching import Matching, activation_matching, weight_matching
-from ..rewrite import GroupMap, build_model, ensemble_map, partial_merge_map, resized, target_spec, transform_state_dicts
+from ..rewrite import GroupMap, build_model, ensemble_map, partial_merge_map, resized, transform_state_dicts
+from ..rewrite.rebuild import target_graph
 from ..rewrite.heads import SeparateHeads
 from ..rewrite.tied import fold_tied_output_scales
 import warnings
@@ -138,6 +139,8 @@ class Built:
     target: PermutationSpec
     maps: dict[str, GroupMap]
     _graph: ModelGraph | None = field(default=None, repr=False)
+    #: the capture of a model of the merged widths made to find ``target`` (its program runs this model too)
+    _skeleton: ModelGraph | None = field(default=None, repr=False)
 
     def graph(self, setup: MergeSetup) -> ModelGraph:
         """The merged model's capture and analysis (made once; a merged model with the source's every shape
@@ -148,6 +151,8 @@ class Built:
                 t.shape == source[k].shape for k, t in self.model.state_dict().items())
             if same and type(self.model) is type(setup.models[0]):
                 self._graph = dataclasses.replace(setup.graph, program=setup.graph.program.bind(self.model))
+            elif self._skeleton is not None and _same_tensors(self._skeleton.program.gm, self.model):
+                self._graph = dataclasses.replace(self._skeleton, program=self._skeleton.program.bind(self.model))
             else:
                 self._graph = analyze(capture(self.model, setup.graph.program.example))
         return self._graph
@@ -164,6 +169,13 @@ class Built:
             self.model.load_state_dict(self._graph.program.gm.state_dict(), strict=False)
 
 
+def _same_tensors(gm: nn.Module, model: nn.Module) -> bool:
+    """Whether a captured program's tensors have ``model``'s keys and shapes (a capture of that architecture
+    at those widths)."""
+    theirs, ours = gm.state_dict(), model.state_dict()
+    return all(k in theirs and theirs[k].shape == t.shape for k, t in ours.items())
+
+
 def build(setup: MergeSetup, maps: dict[str, GroupMap], state_dicts: list[dict] | None = None) -> Built:
     """Rewrite the sources' state dicts with ``maps`` (plus the separate heads' maps) into one model."""
     full = setup.full_maps(maps)
@@ -173,14 +185,14 @@ def build(setup: MergeSetup, maps: dict[str, GroupMap], state_dicts: list[dict] 
         # every width as in the source (1x): the units keep their places, and the source's own spec says where
         target = spec if all(widths.get(g.name, g.width) == g.width for g in spec.groups + spec.outputs) \
             else resized(spec, widths)
+        skeleton = None
     except SpecError:  # interleaved groups: the architecture itself says where the units go
-        target = target_spec(setup.models[0], spec, widths, setup.graph.program.example)
-        if setup.heads == "separate":
-            target = target.with_outputs()
+        skeleton = target_graph(setup.models[0], spec, widths, setup.graph.program.example)
+        target = skeleton.spec.with_outputs() if setup.heads == "separate" else skeleton.spec
     state = transform_state_dicts(spec, state_dicts or setup.state_dicts, full, target=target)
     for problem in fold_tied_output_scales(setup.graph, spec, target, full, setup.n, state):
         warnings.warn(f"pleas: {problem}", stacklevel=3)
-    return Built(build_model(setup.models[0], state).eval(), target, full)
+    return Built(build_model(setup.models[0], state).eval(), target, full, _skeleton=skeleton)
 
 
 def finished(setup: MergeSetup, built: Built) -> nn.Module:

@@ -108,15 +108,22 @@ def target_spec(template: nn.Module, spec: PermutationSpec, widths: dict[str, in
     """Where the units of ``template`` at new widths sit, read off a capture of that architecture (for
     layouts :func:`~pleas.rewrite.layout.resized` cannot compute: interleaved groups). The groups must come
     back with the same names and the asked widths."""
+    return target_graph(template, spec, widths, example).spec
+
+
+def target_graph(template: nn.Module, spec: PermutationSpec, widths: dict[str, int], example: Any):
+    """:func:`target_spec` with the whole analysis of the capture it reads the spec off (a
+    :class:`~pleas.groups.ModelGraph`, whose program a model of those widths can run with its own tensors)."""
     from ..capture import capture
     from ..groups.analysis import analyze
 
     model = skeleton(template, spec, widths)
-    found = analyze(capture(model, example)).spec
+    graph = analyze(capture(model, example))
+    found = graph.spec
     want = {g.name: widths.get(g.name, g.width) for g in spec.groups + spec.outputs}
     got = {g.name: g.width for g in found.groups + found.outputs}
     if want != got:
         diff = {k: (want.get(k), got.get(k)) for k in sorted(set(want) | set(got)) if want.get(k) != got.get(k)}
         raise SpecError(f"the architecture at the new widths has other groups than asked (asked, found): "
                         f"{dict(list(diff.items())[:5])}; its code ties some widths together")
-    return found
+    return graph
