@@ -24,10 +24,34 @@ def _check_budget_value(budget: Any) -> float:
     return float(budget)
 
 
+_UNSET = object()
+
+
+def _models_and_data(model_a, model_b, data) -> tuple[list[nn.Module], list[str], Any]:
+    """``merge(a, b, data)`` or ``merge([m0, m1, ...], data)`` / ``merge({name: model}, data)``."""
+    if isinstance(model_a, (list, tuple, dict)):
+        if data is not _UNSET:
+            raise MergeInputError("pass merge(models, data) with a list or dict of models, or merge(model_a, model_b, "
+                                  "data); got a collection of models and two more arguments")
+        if model_b is _UNSET:
+            raise MergeInputError("merge(models, data) needs calibration data after the models")
+        names = [str(k) for k in model_a] if isinstance(model_a, dict) else None
+        models = list(model_a.values()) if isinstance(model_a, dict) else list(model_a)
+        if len(models) < 2:
+            raise MergeInputError(f"merging needs at least two models; got {len(models)}")
+        labels = names or ([f"model_{chr(ord('a') + i)}" for i in range(len(models))] if len(models) <= 26
+                           else [f"model_{i}" for i in range(len(models))])
+        return models, labels, model_b
+    if model_b is _UNSET or data is _UNSET:
+        raise MergeInputError("merge needs two models and calibration data: merge(model_a, model_b, data), or a list "
+                              "of models: merge([model_a, model_b, ...], data)")
+    return [model_a, model_b], ["model_a", "model_b"], data
+
+
 def merge(
-    model_a: nn.Module,
-    model_b: nn.Module,
-    data: Any,
+    model_a: nn.Module | list[nn.Module] | dict[str, nn.Module],
+    model_b: Any = _UNSET,
+    data: Any = _UNSET,
     *,
     method: str = "pleas",
     budget: float = 1.0,
@@ -43,7 +67,11 @@ def merge(
     progress: bool = True,
     **options: Any,
 ) -> MergeResult:
-    """Merge two models of one architecture into one model of size ``budget`` x one model.
+    """Merge two (or more) models of one architecture into one model of size ``budget`` x one model.
+
+    ``merge(model_a, model_b, data, ...)`` merges two; ``merge([m0, m1, m2, ...], data, ...)`` (or a dict of
+    named models) merges N: each model's units are matched to the first one's, a merged unit averages one
+    unit of every model, and the budget runs from 1x to Nx.
 
     Args:
         model_a, model_b: the source models (never modified).
@@ -83,6 +111,7 @@ def merge(
     ``warnings`` and listed in ``report["warnings"]``.
     """
     start = time.perf_counter()
+    models, labels, data = _models_and_data(model_a, model_b, data)
     algo = get_method(method, **options)
     budget = _check_budget_value(budget)
     if residual not in RESIDUALS:
@@ -91,7 +120,7 @@ def merge(
         raise MergeInputError(f"method {method!r} makes models of size at most {algo.max_budget:g}x; got budget={budget}")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        setup = prepare([model_a, model_b], data, budget=budget, heads=heads, matching=matching, seed=seed,
+        setup = prepare(models, data, labels=labels, budget=budget, heads=heads, matching=matching, seed=seed,
                         device=device, dtype=dtype, batch_size=batch_size, norm_stats=norm_stats, progress=progress,
                         budget_metric=budget_metric)
         if residual == "orthogonal":
@@ -106,7 +135,7 @@ def merge(
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     built = outcome.built
     widths = {g.name: built.maps[g.name].width for g in setup.spec}
-    counts = {g.name: setup.n * g.width - widths[g.name] for g in setup.spec}
+    counts = {g.name: (setup.n * g.width - widths[g.name]) // (setup.n - 1) for g in setup.spec}
     report = {
         "method": method,
         "options": {k: describe(v) for k, v in options.items()},
@@ -120,7 +149,7 @@ def merge(
         **({"aligned": setup.aligned} if setup.aligned else {}),
         "dtype": str(setup.dtype).replace("torch.", ""),
         "calibration_samples": setup.data.samples(),
-        "size": size_report(setup, built, outcome.model, model_a, zero_blocks(setup, built) if built.model is not None else {}),
+        "size": size_report(setup, built, outcome.model, models[0], zero_blocks(setup, built) if built.model is not None else {}),
         "groups": [
             {"name": g.name, "width": g.width, "merged_width": widths[g.name], "merge_count": counts[g.name]}
             for g in setup.spec

@@ -79,16 +79,14 @@ def _check_outputs(args: argparse.Namespace) -> None:
     from .files import check_outputs
     from .io import is_pretrained_dir
 
-    if is_pretrained_dir(args.model_a):  # the merged model is a new Hugging Face directory
+    if is_pretrained_dir(args.models[0]):  # the merged model is a new Hugging Face directory
         out = Path(args.out)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise MergeInputError(f"--out {args.out!r} exists; give a new directory for the merged model "
                                   "(pleas never overwrites)")
-        check_outputs({"--report": args.report, "--plot": args.plot}, [args.model_a, args.model_b, args.data,
-                                                                       args.out])
+        check_outputs({"--report": args.report, "--plot": args.plot}, [*args.models, args.data, args.out])
         return
-    check_outputs({"--out": args.out, "--report": args.report, "--plot": args.plot},
-                  [args.model_a, args.model_b, args.data])
+    check_outputs({"--out": args.out, "--report": args.report, "--plot": args.plot}, [*args.models, args.data])
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -106,20 +104,21 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if method not in METHODS:
         hint = "" if args.method else " (the default); pass --method"
         raise MergeInputError(f"unknown method {method!r}{hint}; known methods: {sorted(METHODS)}")
+    if len(args.models) < 2:
+        raise MergeInputError(f"pleas merge needs at least two models; got {len(args.models)}")
     _check_outputs(args)
-    pretrained = is_pretrained_dir(args.model_a)
+    pretrained = is_pretrained_dir(args.models[0])
     if pretrained:
-        model_a, model_b = load_pretrained(args.model_a), load_pretrained(args.model_b)
-        tokenizer = load_tokenizer(args.model_a)
+        sources = [load_pretrained(path) for path in args.models]
+        tokenizer = load_tokenizer(args.models[0])
     elif args.arch is None:
         raise MergeInputError("--arch is needed for checkpoint files (not for Hugging Face model directories)")
     else:
-        model_a = load_model(args.arch, args.kwargs, args.model_a)
-        model_b = load_model(args.arch, args.kwargs, args.model_b)
+        sources = [load_model(args.arch, args.kwargs, path) for path in args.models]
         tokenizer = None
     data = load_calibration(args.data, args.samples, seed=args.seed, tokenizer=tokenizer, seq_len=args.seq_len)
     result = merge(
-        model_a, model_b, data, method=method, budget=args.budget, budget_metric=args.budget_metric,
+        sources, data, method=method, budget=args.budget, budget_metric=args.budget_metric,
         heads=args.heads, matching=args.matching, norm_stats=args.norm_stats, residual=args.residual,
         seed=args.seed, batch_size=args.batch_size, progress=sys.stderr.isatty(), **args.options,
     )
@@ -242,13 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "merge",
-        help="merge two checkpoints of one architecture into one model",
-        description="Merge two checkpoints of one architecture; writes the merged state dict as safetensors "
+        help="merge two or more checkpoints of one architecture into one model",
+        description="Merge two or more checkpoints of one architecture; writes the merged state dict as safetensors "
         "(rebuild it with pleas.io.load_merged) and optionally a JSON report. Nothing is written on error.",
     )
-    p.add_argument("model_a", help="first checkpoint (.safetensors, or a torch file with a state dict), or a Hugging "
-                   "Face model directory (config.json + safetensors)")
-    p.add_argument("model_b", help="second checkpoint or directory, same architecture")
+    p.add_argument("models", nargs="+", metavar="model", help="two or more checkpoints (.safetensors, or torch files "
+                   "with a state dict) of one architecture, or Hugging Face model directories (config.json + "
+                   "safetensors); the first is the one the others are matched to")
     p.add_argument("--arch", default=None, help="torchvision/timm/pleas model name, or module.path:factory (for "
                    "checkpoint files)")
     p.add_argument("--kwargs", type=_kwargs, default={}, help="JSON object of factory arguments")

@@ -52,3 +52,22 @@ def activation_matching(spec: PermutationSpec, moments: dict) -> Matching:
     perms = assign_all({g.name: (sims[g.name], 1) for g in spec})
     sims = {name: s[torch.arange(len(s)), perms[name]].clone() for name, s in sims.items()}
     return Matching(perms=perms, similarity=sims, sweeps=0, converged=True)
+
+
+def activation_matching_to_first(spec: PermutationSpec, moments: dict, n: int) -> Matching:
+    """N models: every model's units matched to model 0's by the correlation of their activations, one
+    assignment per model (docs/algorithm.md section 2, with model 0 as the pivot). ``moments[g]`` holds the
+    stacked units of all n models (:class:`~pleas.statistics.Moments`). ``perms[g]`` is (n - 1, d) and
+    ``similarity[g][i]`` the mean correlation of model 0's unit i with its matches."""
+    perms, sims = {}, {}
+    for g in spec:
+        stat, d = moments[g.name], g.width
+        blocks = [stat.correlation(rows=slice(0, d), cols=slice(m * d, (m + 1) * d)).double() for m in range(1, n)]
+        for s in blocks:
+            if not torch.isfinite(s).all():
+                raise MergeInputError(f"correlation of group {g.name!r} has non-finite entries")
+        found = assign_all({f"{g.name}#{m}": (s, 1) for m, s in enumerate(blocks)})
+        rows = [found[f"{g.name}#{m}"] for m in range(len(blocks))]
+        perms[g.name] = torch.stack(rows)
+        sims[g.name] = torch.stack([s[torch.arange(d), p] for s, p in zip(blocks, rows)]).mean(0)
+    return Matching(perms=perms, similarity=sims, sweeps=0, converged=True)

@@ -12,7 +12,8 @@ from ..groups.spec import PermutationSpec
 class Matching:
     """One entry per group.
 
-    - ``perms[g]``: LongTensor (d,); ``perms[g][i]`` is the index of B's unit paired with A's unit i.
+    - ``perms[g]``: LongTensor (d,); ``perms[g][i]`` is the index of B's unit paired with A's unit i. For
+      n > 2 models, (n - 1, d): row m - 1 holds model m's units matched to model 0's.
     - ``similarity[g]``: float64 (d,); the similarity of pair (i, perms[g][i]), higher = more alike
       (used to rank which pairs to merge first, docs/algorithm.md section 3).
     - ``sweeps``: coordinate-descent sweeps run (0 for one-shot matchers).
@@ -31,7 +32,9 @@ class Matching:
         return permute_state_dict(sd_b, spec, self.perms)
 
     @classmethod
-    def identity(cls, spec: PermutationSpec) -> "Matching":
-        """Unit i of A with unit i of B in every group (no alignment), all pairs equally similar."""
-        return cls({g.name: torch.arange(g.width) for g in spec}, {g.name: torch.ones(g.width, dtype=torch.float64)
-                                                                      for g in spec})
+    def identity(cls, spec: PermutationSpec, n_models: int = 2) -> "Matching":
+        """Unit i of A with unit i of B (of every model) in every group (no alignment), all equally similar."""
+        def perm(width):
+            return torch.arange(width) if n_models == 2 else torch.arange(width).repeat(n_models - 1, 1)
+        return cls({g.name: perm(g.width) for g in spec}, {g.name: torch.ones(g.width, dtype=torch.float64)
+                                                           for g in spec})

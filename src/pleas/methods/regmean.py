@@ -95,7 +95,7 @@ class RegMean(Method):
 
     def run(self, setup):
         counts = {g.name: g.width for g in setup.spec}
-        built = stages.build(setup, stages.partial_maps(setup.spec, Matching.identity(setup.spec), counts))
+        built = stages.build(setup, stages.partial_maps(setup.spec, Matching.identity(setup.spec, setup.n), counts))
         uses = Counter(layer.weight for layer in setup.graph.layers)
         layers = [layer for layer in setup.graph.layers if uses[layer.weight] == 1]
         sources = setup.state_dicts

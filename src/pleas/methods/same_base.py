@@ -46,7 +46,7 @@ def same_base_merge(setup, base: dict[str, torch.Tensor], combine) -> Outcome:
         raise MergeInputError(f"base has a different architecture than model_a: {difference}")
     check_finite(base, "base")
     counts = {g.name: g.width for g in setup.spec}
-    built = stages.build(setup, stages.partial_maps(setup.spec, Matching.identity(setup.spec), counts))
+    built = stages.build(setup, stages.partial_maps(setup.spec, Matching.identity(setup.spec, setup.n), counts))
     params = dict(built.model.named_parameters())
     sources = setup.state_dicts
     keys = [k for k, p in params.items() if p.shape == sources[0][k].shape]  # stacked separate heads stay as built

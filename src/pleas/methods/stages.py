@@ -18,7 +18,9 @@ from ..capture import capture
 from ..errors import MergeInputError, SpecError
 from ..groups import ModelGraph, PermutationSpec, analyze
 from ..matching import Matching, activation_matching, weight_matching
-from ..rewrite import GroupMap, build_model, ensemble_map, partial_merge_map, resized, transform_state_dicts
+from ..matching.activation import activation_matching_to_first
+from ..rewrite import GroupMap, build_model, ensemble_map, resized, transform_state_dicts
+from ..rewrite.maps import multi_partial_merge_map
 from ..rewrite.rebuild import target_graph
 from ..rewrite.heads import SeparateHeads
 from ..rewrite.tied import fold_tied_output_scales
@@ -55,7 +57,9 @@ def match(setup: MergeSetup, moments: dict | None) -> Matching:
     """B's units matched to A's as ``setup.matching`` says: by activations (needs ``moments``), by
     weights (Git Re-Basin), or unit i with unit i ("identity")."""
     if setup.matching == "identity":
-        found = Matching.identity(setup.spec)
+        found = Matching.identity(setup.spec, setup.n)
+    elif setup.n > 2:
+        found = _match_to_first(setup, moments)
     elif setup.matching == "weight":
         sd_a, sd_b = setup.state_dicts
         found = weight_matching(setup.spec, sd_a, sd_b, seed=setup.seed)
@@ -79,12 +83,30 @@ def needs_moments(setup: MergeSetup, allocation: str | None) -> str | None:
 
 # ------------------------------------------------------------------------------------------ budget
 
+def _match_to_first(setup: MergeSetup, moments: dict | None) -> Matching:
+    """More than two models: each matched to model 0, by activations or (Git Re-Basin) by weights."""
+    if setup.matching == "weight":
+        sds = setup.state_dicts
+        pairs = [weight_matching(setup.spec, sds[0], sd, seed=setup.seed) for sd in sds[1:]]
+        perms = {g.name: torch.stack([p.perms[g.name] for p in pairs]) for g in setup.spec}
+        sims = {g.name: torch.stack([p.similarity[g.name] for p in pairs]).mean(0) for g in setup.spec}
+        return Matching(perms, sims)
+    return activation_matching_to_first(setup.spec, moments, setup.n)
+
+
+#: Allocations that read two models' statistics (a pair's merge loss).
+PAIRWISE_ALLOCATIONS = ("downstream", "measured")
+
+
 def default_allocation(setup: MergeSetup, allocation: str | None) -> str:
     """The allocation used: the one asked for, else uniform for dense budgets and downstream for effective
-    ones (README, "Spreading the budget over groups")."""
+    ones (README, "Spreading the budget over groups"); uniform for more than two models."""
     if allocation is not None:
+        if setup.n > 2 and allocation in PAIRWISE_ALLOCATIONS:
+            raise MergeInputError(f"allocation={allocation!r} measures merging two models; with {setup.n} models use "
+                                  "'uniform', 'greedy' or 'prefix'")
         return allocation
-    return "downstream" if setup.effective_budget else "uniform"
+    return "downstream" if setup.effective_budget and setup.n == 2 else "uniform"
 
 
 def merge_counts(setup: MergeSetup, allocation: str, matching: Matching, moments: dict | None,
@@ -119,8 +141,9 @@ def merge_counts(setup: MergeSetup, allocation: str, matching: Matching, moments
 
 
 def partial_maps(spec: PermutationSpec, matching: Matching, counts: dict[str, int]) -> dict[str, GroupMap]:
-    """PLeaS's layout per group: the k_g most similar pairs merged, the rest of both models kept."""
-    return {g.name: partial_merge_map(matching.perms[g.name], matching.similarity[g.name], counts[g.name])
+    """PLeaS's layout per group: the k_g most similar pairs (or n-tuples) merged, the rest of every model kept."""
+    return {g.name: multi_partial_merge_map(matching.perms[g.name].reshape(-1, g.width), matching.similarity[g.name],
+                                            counts[g.name])
             for g in spec}
 
 

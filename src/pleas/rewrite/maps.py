@@ -73,33 +73,42 @@ def partial_merge_map(perm: torch.Tensor, similarity: torch.Tensor, k: int) -> G
     rows average A's and B's, kept rows copy their model's, and the A-only x B-only blocks are zero.
     Merged pairs and kept units are listed in A's (resp. B's) unit order.
     """
-    d = len(perm)
+    return multi_partial_merge_map(perm.reshape(1, -1), similarity, k)
+
+
+def multi_partial_merge_map(perms: torch.Tensor, similarity: torch.Tensor, k: int) -> GroupMap:
+    """The same layout for n = 1 + len(perms) models: ``[merged (k) | model 0 only | ... | model n-1 only]``.
+
+    ``perms[m - 1][i]`` is model m's unit matched to model 0's unit i. The ``k`` units of model 0 with the
+    highest ``similarity`` each merge with their match in every other model (an average of n units); every
+    other unit of every model is kept, in that model's unit order. Width n*d - (n-1)*k.
+    """
+    perms = perms.long()
+    n, d = perms.shape[0] + 1, perms.shape[1]
     if not 0 <= k <= d:
         raise ValueError(f"merge count k={k} must lie in [0, {d}]")
     order = torch.argsort(similarity.double(), descending=True, stable=True)
-    merged_a = torch.sort(order[:k]).values
-    kept_a = torch.sort(order[k:]).values
-    kept_b = torch.sort(perm[kept_a]).values
-    m = 2 * d - k
-    merge = torch.zeros(m, 2 * d, dtype=torch.float64)
-    unmerge = torch.zeros(2 * d, m, dtype=torch.float64)
+    merged_0 = torch.sort(order[:k]).values
+    kept_0 = torch.sort(order[k:]).values
+    matches = torch.cat([torch.arange(d)[None], perms])  # (n, d): model m's unit matched to model 0's unit i
+    m = n * d - (n - 1) * k
+    merge = torch.zeros(m, n * d, dtype=torch.float64)
+    unmerge = torch.zeros(n * d, m, dtype=torch.float64)
     rows = torch.arange(k)
-    merge[rows, merged_a] = 0.5
-    merge[rows, d + perm[merged_a]] = 0.5
-    unmerge[merged_a, rows] = 1.0
-    unmerge[d + perm[merged_a], rows] = 1.0
-    a_rows = torch.arange(k, d)
-    merge[a_rows, kept_a] = 1.0
-    unmerge[kept_a, a_rows] = 1.0
-    b_rows = torch.arange(d, m)
-    merge[b_rows, d + kept_b] = 1.0
-    unmerge[d + kept_b, b_rows] = 1.0
+    for model in range(n):
+        units = model * d + matches[model][merged_0]
+        merge[rows, units] = 1.0 / n
+        unmerge[units, rows] = 1.0
+        kept = model * d + torch.sort(matches[model][kept_0]).values
+        own = torch.arange(k + model * (d - k), k + (model + 1) * (d - k))
+        merge[own, kept] = 1.0
+        unmerge[kept, own] = 1.0
     return GroupMap(merge, unmerge)
 
 
-def identity_merge_map(width: int) -> GroupMap:
-    """Unit i of A averaged with unit i of B: plain weight averaging, no alignment."""
-    return partial_merge_map(torch.arange(width), torch.ones(width), width)
+def identity_merge_map(width: int, n_models: int = 2) -> GroupMap:
+    """Unit i of every model averaged: plain weight averaging, no alignment."""
+    return multi_partial_merge_map(torch.arange(width).repeat(n_models - 1, 1), torch.ones(width), width)
 
 
 def ensemble_map(width: int, n_models: int = 2) -> GroupMap:
