@@ -121,7 +121,8 @@ def _problem(source: Path, citation: str) -> str | None:
     else:
         # relative to the citing file, the repository, or the package (docs name modules as "refit/solve.py")
         bases = [source.parent, ROOT] if source.suffix == ".md" else [ROOT, source.parent]
-        bases.append(ROOT / "src" / "pleas")
+        if not target.startswith(".."):
+            bases.append(ROOT / "src" / "pleas")
         if target.startswith("/"):
             return "an absolute path"
         candidates = [(base / target).resolve() for base in bases]

@@ -5,14 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-import numpy as np
 import torch
 import torch.fx as fx
 
 from ..capture import Program
-from ..errors import SpecError, UnsupportedOpError
+from ..errors import UnsupportedOpError
 from ..ops import registry
-from ..ops.context import OpContext, ParamRef, target_name
+from ..ops.context import OpContext, ParamRef
 from .spec import Group, Member, PermutationSpec, Site
 from ..ops.units import UnitTable, Units
 from .grouping import group_units

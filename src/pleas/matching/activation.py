@@ -54,11 +54,13 @@ def activation_matching(spec: PermutationSpec, moments: dict) -> Matching:
     return Matching(perms=perms, similarity=sims, sweeps=0, converged=True)
 
 
-def activation_matching_to_first(spec: PermutationSpec, moments: dict, n: int) -> Matching:
+def activation_matching_to_first(spec: PermutationSpec, moments: dict, n: int, *, sweeps: int = 10) -> Matching:
     """N models: every model's units matched to model 0's by the correlation of their activations, one
     assignment per model (docs/algorithm.md section 2, with model 0 as the pivot). ``moments[g]`` holds the
     stacked units of all n models (:class:`~pleas.statistics.Moments`). ``perms[g]`` is (n - 1, d) and
-    ``similarity[g][i]`` the mean correlation of model 0's unit i with its matches."""
+    ``similarity[g][i]`` the mean correlation of model 0's unit i with its matches. The matches to model 0
+    start a coordinate descent that matches each model to the mean of the others (``sweeps`` rounds at
+    most; 0 keeps the matches to model 0)."""
     perms, sims = {}, {}
     for g in spec:
         stat, d = moments[g.name], g.width
@@ -68,6 +70,38 @@ def activation_matching_to_first(spec: PermutationSpec, moments: dict, n: int) -
                 raise MergeInputError(f"correlation of group {g.name!r} has non-finite entries")
         found = assign_all({f"{g.name}#{m}": (s, 1) for m, s in enumerate(blocks)})
         rows = [found[f"{g.name}#{m}"] for m in range(len(blocks))]
-        perms[g.name] = torch.stack(rows)
-        sims[g.name] = torch.stack([s[torch.arange(d), p] for s, p in zip(blocks, rows)]).mean(0)
-    return Matching(perms=perms, similarity=sims, sweeps=0, converged=True)
+        matches = _refine(stat.covariance(), torch.stack([torch.arange(d), *rows]), d, sweeps) if sweeps else \
+            torch.stack([torch.arange(d), *rows])
+        perms[g.name] = matches[1:]
+        corr = stat.correlation()
+        sims[g.name] = torch.stack([corr[torch.arange(d), m * d + matches[m]] for m in range(1, n)]).mean(0).double()
+    return Matching(perms=perms, similarity=sims, sweeps=sweeps, converged=True)
+
+
+def _refine(cov: torch.Tensor, matches: torch.Tensor, d: int, sweeps: int) -> torch.Tensor:
+    """Coordinate descent over the models (Git Re-Basin's MergeMany, on activations): each model in turn is
+    matched to the mean of the other models' matched units, by the correlation of its units with those
+    means, until no match changes or ``sweeps`` rounds. ``matches[m][i]`` is model m's unit in clique i
+    (model 0's row is re-matched too, then the cliques are renumbered in model 0's order)."""
+    from .assignment import linear_assignment
+
+    n = matches.shape[0]
+    cov = cov.double()
+    var = cov.diagonal().clamp_min(0)
+    for _ in range(sweeps):
+        changed = False
+        for m in range(n):
+            others = [l for l in range(n) if l != m]
+            cols = torch.stack([l * d + matches[l] for l in others])  # (n-1, d): stacked units of clique i
+            cross = sum(cov[m * d:(m + 1) * d][:, c] for c in cols) / len(others)  # (d units of m, d cliques)
+            block = cov[cols.reshape(-1)][:, cols.reshape(-1)].reshape(len(others), d, len(others), d)
+            mean_var = torch.diagonal(block, dim1=1, dim2=3).sum((0, 1)) / len(others) ** 2
+            sim = cross / (var[m * d:(m + 1) * d, None] * mean_var[None]).sqrt().clamp_min(1e-12)
+            assigned = linear_assignment(sim.T.contiguous())  # clique i -> unit of model m
+            if not torch.equal(assigned, matches[m]):
+                matches[m] = assigned
+                changed = True
+        if not changed:
+            break
+    order = torch.argsort(matches[0])  # clique of model 0's unit j
+    return matches[:, order]

@@ -20,7 +20,7 @@ from ..groups import ModelGraph, PermutationSpec, analyze
 from ..matching import Matching, activation_matching, weight_matching
 from ..matching.activation import activation_matching_to_first
 from ..rewrite import GroupMap, build_model, ensemble_map, resized, transform_state_dicts
-from ..rewrite.maps import multi_partial_merge_map
+from ..rewrite.maps import multi_partial_merge_map, partial_merge_map
 from ..rewrite.rebuild import target_graph
 from ..rewrite.heads import SeparateHeads
 from ..rewrite.tied import fold_tied_output_scales

@@ -13,7 +13,6 @@ still move, since every head has every position.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 

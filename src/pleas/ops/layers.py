@@ -105,7 +105,7 @@ def batched_product(ctx, a, b):
     b = Units(b.ids.reshape((1,) * (ndim - b.ndim) + b.ids.shape), tuple(d + ndim - b.ndim for d in b.dims))
     m, n = ndim - 2, ndim - 1
     if n in a.dims and m in b.dims:  # scores = q @ k^T: contracted over the head dimensions
-        head = head_units(ctx, a, Units(np.swapaxes(b.ids, m, n), tuple({m: n, n: m}.get(d, d) for d in b.dims)), None)
+        head_units(ctx, a, Units(np.swapaxes(b.ids, m, n), tuple({m: n, n: m}.get(d, d) for d in b.dims)), None)
         ids = a.ids[..., :1, :1]  # one unit per head, carried along the head dimension
         return Units(np.ascontiguousarray(ids), tuple(d for d in a.dims if d < m))
     if n not in a.dims and m not in a.dims and m not in b.dims:  # weights @ v: heads tied, v's units carried

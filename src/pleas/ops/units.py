@@ -16,8 +16,7 @@ copies are numbered in order of position; a permutation moves copy t of one unit
 """
 from __future__ import annotations
 
-from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
