@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import pleas
-from pleas.experiments import sources, train
+from pleas.experiments import sources
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--tasks", default="5,3")
@@ -125,19 +125,13 @@ if args.plot:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from pleas.bench.plots import budget_panel
+
     ns = [n for n in results if n != "time"]
     fig, axes = plt.subplots(1, len(ns), figsize=(5 * len(ns), 3.6), squeeze=False)
     for ax, n in zip(axes[0], ns):
-        for method in ("rebasin", "pleas"):
-            pts = sorted((r["budget"], r["mean"]) for r in results[n] if r["row"] == method)
-            ax.plot(*zip(*pts), marker="o", label=method)
-        for r in results[n]:
-            if r["row"] in ("sources", "ensemble", "pleas chained pairwise", "zipit", "average"):
-                ax.axhline(r["mean"], ls="--", lw=0.8, color="grey")
-                ax.text(1.0, r["mean"], r["row"], fontsize=7, va="bottom")
-        ax.set_title(f"{n} tasks of MNIST, one ResNet-20 each")
-        ax.set_xlabel("budget (effective parameters)")
-        ax.set_ylabel("mean accuracy over tasks")
-        ax.legend(fontsize=7)
+        references = [r for r in results[n] if r["row"] in ("sources", "ensemble", "pleas chained pairwise", "zipit", "average")]
+        budget_panel(ax, results[n], ["rebasin", "pleas"], references, title=f"{n} tasks of MNIST, one ResNet-20 each",
+                     ylabel="mean accuracy over tasks")
     fig.tight_layout()
     fig.savefig(args.plot, dpi=110)

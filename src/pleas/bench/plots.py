@@ -186,3 +186,19 @@ def write_plots(results: dict, directory: Path) -> dict[str, Path]:
     if summary.axis_combos():
         written["calibration-sizes"] = plot_calibration_sizes(summary, Path(directory) / "calibration_sizes.png")
     return written
+
+
+def budget_panel(ax, rows: list[dict], curves: list[str], references: list[dict], *, title: str, ylabel: str) -> None:
+    """One panel of a metric against the budget: a line per row label in ``curves`` (rows with a
+    ``budget`` and a ``mean``), and a dashed, labelled level for each row in ``references``."""
+    for label in curves:
+        pts = sorted((r["budget"], r["mean"]) for r in rows if r["row"] == label and r["budget"])
+        if len(pts) > 1:
+            ax.plot(*zip(*pts), marker="o", label=label)
+    for r in references:
+        ax.axhline(r["mean"], ls="--", lw=0.8, color="grey")
+        ax.text(1.0, r["mean"], r["row"], fontsize=7, va="bottom")
+    ax.set_title(title)
+    ax.set_xlabel("budget (effective parameters)")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)

@@ -30,6 +30,7 @@ from torch import nn
 from ..api import merge
 from ..datasets import BYTE_DOMAINS, byte_windows
 from .measure import forward_floor
+from .plots import budget_panel
 
 LM_FAMILIES = ("gpt2", "llama")
 #: Budgets in effective parameters (the paper's count: 2x is the two models side by side).
@@ -272,18 +273,9 @@ def plot(results: dict, path) -> None:
     fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 3.6), squeeze=False)
     for ax, pair in zip(axes[0], pairs):
         rows = pair["rows"]
-        for label in sorted({r["row"] for r in rows if r["method"] in ("pleas", "rebasin") and r["budget"]}):
-            pts = sorted((r["budget"], r["mean"]) for r in rows if r["row"] == label)
-            if len(pts) > 1:
-                ax.plot(*zip(*pts), marker="o", label=label)
-        for r in rows:
-            if r["method"] in ("logit average", "mixture") or r["row"].startswith("source"):
-                ax.axhline(r["mean"], ls="--", lw=0.8, color="grey")
-                ax.text(1.0, r["mean"], r["row"], fontsize=7, va="bottom")
-        ax.set_title(f"{pair['family']}: code vs prose")
-        ax.set_xlabel("budget (effective parameters)")
-        ax.set_ylabel("mean bits per byte")
-        ax.legend(fontsize=7)
+        curves = sorted({r["row"] for r in rows if r["method"] in ("pleas", "rebasin") and r["budget"]})
+        references = [r for r in rows if r["method"] in ("logit average", "mixture") or r["row"].startswith("source")]
+        budget_panel(ax, rows, curves, references, title=f"{pair['family']}: code vs prose", ylabel="mean bits per byte")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
