@@ -101,12 +101,15 @@ def site_samples(t: torch.Tensor, site: Site, pick: torch.Tensor | None = None) 
     (indices into the N), gathered without copying the rest."""
     dims = [d % t.dim() for d in site.dims]
     lead = [d for d in range(t.dim()) if d not in dims]
-    t = t.permute(*lead, *dims).flatten(len(lead))  # (*lead, entries)
     width, copies = site.index.shape
+    if pick is not None:  # gather the picked rows only (sample s is lead position s // copies, copy s % copies)
+        view = t.permute(*lead, *dims)
+        position, copy = pick // copies, pick % copies
+        rows = view[torch.unravel_index(position, view.shape[:len(lead)])].flatten(1)  # (P, entries)
+        return rows[torch.arange(len(pick))[:, None], site.index.T[copy]]
+    t = t.permute(*lead, *dims).flatten(len(lead))  # (*lead, entries)
     t = t[..., site.index.T.reshape(-1)].unflatten(-1, (copies, width))  # (*lead, copies, width)
-    if pick is None:
-        return t.reshape(-1, width)
-    return t[torch.unravel_index(pick, t.shape[:-1])]
+    return t.reshape(-1, width)
 
 
 class MomentsObserver:
