@@ -15,6 +15,7 @@ data before and after the refit), which shows how a small sample makes layers un
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any, Callable
 
 from tqdm.auto import tqdm
@@ -83,8 +84,10 @@ def run_axis(combos: list[tuple[str, str]], methods: list[str], sizes: list[int]
                                           "requested": requested, "samples": used, "cap": cap}
                 try:
                     start = time.perf_counter()
-                    result = merge(a.model, b.model, data, method=setup.method, budget=1.0, heads=task.heads,
-                                   seed=PAIR, batch_size=batch_size, progress=False, **setup.options)
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")  # in the record, not printed per merge
+                        result = merge(a.model, b.model, data, method=setup.method, budget=1.0, heads=task.heads,
+                                       seed=PAIR, batch_size=batch_size, progress=False, **setup.options)
                     seconds = time.perf_counter() - start
                 except PleasError as exc:
                     kind = "skipped" if isinstance(exc, MergeInputError) else "error"
@@ -93,6 +96,7 @@ def run_axis(combos: list[tuple[str, str]], methods: list[str], sizes: list[int]
                     continue
                 acc = evaluate(result.model, task, (a.test_set, b.test_set))
                 records.append({**record, "acc": acc, "mean_acc": sum(acc.values()) / len(acc), "seconds": seconds,
+                                "warnings": result.report.get("warnings", []),
                                 "dense": result.report["size"]["relative_dense"],
                                 "refit": _refit_entries(result.report)})
                 bar.update(1)

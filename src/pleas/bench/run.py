@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -261,7 +262,8 @@ def run_pair(config: BenchConfig, task_name: str, arch: str, pair: int, bar: tqd
         bar.set_postfix_str(f"{task_name}/{arch} pair {pair}: {label} {budget or ''}", refresh=True)
         record: dict[str, Any] = {**where, "method": label, "budget": budget}
         try:
-            with PeakMemory() as memory:
+            with PeakMemory() as memory, warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # kept in the record (the report's own list), not printed per merge
                 start = time.perf_counter()
                 result = merge(a.model, b.model, calibration[setup.calibration], method=setup.method,
                                budget=budget or 1.0, heads=task.heads, seed=pair, batch_size=config.batch_size,
@@ -278,7 +280,7 @@ def run_pair(config: BenchConfig, task_name: str, arch: str, pair: int, bar: tqd
             acc=acc, mean_acc=sum(acc.values()) / len(acc), dense=size["relative_dense"],
             effective=size["relative_effective"], seconds=seconds, floor_ratio=seconds / floor,
             peak_mb=memory.peak_mb, extra_mb=memory.extra_mb, memory_exact=memory.exact,
-            phases=result.report.get("seconds", {}),
+            phases=result.report.get("seconds", {}), warnings=result.report.get("warnings", []),
         )
         records["merges"].append(record)
         bar.update(1)
