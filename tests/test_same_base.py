@@ -125,3 +125,83 @@ def test_the_demo_leaves_same_base_methods_out():
     assert not {"task_arithmetic", "ties"} & set(default_methods(quick=False))
     with pytest.raises(pleas.MergeInputError, match="one shared base"):
         plan_runs(["ties"], [1.0])
+
+
+# ------------------------------------------------------------------ DARE, AdaMerging, Fisher (issue #18)
+
+def test_dare_drops_at_the_asked_rate_and_keeps_each_entry_in_expectation():
+    from pleas.methods.task_vectors import dare
+
+    tau = {"w": torch.randn(200, 200, generator=torch.Generator().manual_seed(0), dtype=torch.float64)}
+    dropped = dare([tau], drop=0.7, seed=0)[0]["w"]
+    kept = dropped != 0
+    assert abs(float(kept.double().mean()) - 0.3) < 0.01  # 40,000 Bernoulli draws: 4.6 standard deviations
+    torch.testing.assert_close(dropped[kept], tau["w"][kept] / 0.3)
+    assert torch.equal(dare([tau], 0.7, seed=0)[0]["w"], dropped)  # seeded: the same draw
+    assert torch.equal(dare([tau], 0.0, seed=3)[0]["w"], tau["w"])  # nothing dropped, nothing rescaled
+
+
+def test_dare_without_dropping_is_task_arithmetic_and_ties_without_trimming():
+    base, a, b = _finetuned()
+    x = torch.randn(64, 20)
+
+    def merged(**kw):
+        return _params(pleas.merge(a, b, x, base=base, progress=False, **kw).model)
+
+    for got, want in ((merged(method="dare", drop=0.0), merged(method="task_arithmetic")),
+                      (merged(method="dare", drop=0.0, combine="ties"), merged(method="ties", density=1.0))):
+        for k in want:
+            torch.testing.assert_close(got[k], want[k])
+    with pytest.raises(pleas.MergeInputError, match="drop"):
+        merged(method="dare", drop=1.0)
+
+
+def test_adamerging_lowers_the_entropy_of_the_merged_predictions():
+    from pleas.methods.adamerging import entropy
+
+    assert abs(float(entropy(torch.zeros(5, 7))) - float(torch.log(torch.tensor(7.0)))) < 1e-6
+    base, a, b = _finetuned()
+    x = torch.randn(128, 20, generator=torch.Generator().manual_seed(1))
+    start = pleas.merge(a, b, x, method="task_arithmetic", base=base, scale=0.3, progress=False).model
+    for granularity, width in (("task", 1), ("layer", len(_params(a)))):
+        result = pleas.merge(a, b, x, method="adamerging", base=base, steps=60, lr=1e-2, granularity=granularity,
+                             progress=False)
+        assert torch.tensor(result.report["coefficients"]).shape == (2, width)
+        with torch.no_grad():
+            assert float(entropy(result.model(x))) < float(entropy(start(x)))  # the init: every lambda 0.3
+
+
+def test_the_diagonal_fisher_is_the_mean_squared_per_sample_gradient():
+    from pleas.methods.fisher import diagonal_fisher
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 5)).eval()
+    x = torch.randn(10, 4)
+    keys = [k for k, _ in model.named_parameters()]
+    got = diagonal_fisher(model, [x[:6], x[6:]], keys, samples=10, seed=7)
+    generator = torch.Generator().manual_seed(7)
+    want = {k: torch.zeros_like(p, dtype=torch.float64) for k, p in model.named_parameters()}
+    for batch in (x[:6], x[6:]):
+        with torch.no_grad():
+            y = torch.multinomial(torch.softmax(model(batch).double(), -1), 1, generator=generator).reshape(-1)
+        for xi, yi in zip(batch, y):
+            model.zero_grad()
+            torch.log_softmax(model(xi[None]), -1)[0, yi].backward()
+            for k, p in model.named_parameters():
+                want[k] += p.grad.double().square()
+    for k in keys:
+        torch.testing.assert_close(got[k], want[k] / 10, rtol=1e-4, atol=1e-10)
+
+
+def test_fisher_merging_of_copies_is_the_copy_and_weights_by_the_fisher():
+    base, a, b = _finetuned()
+    x = torch.randn(96, 20, generator=torch.Generator().manual_seed(2))
+    same = _params(pleas.merge(a, copy.deepcopy(a), x, method="fisher", progress=False).model)
+    for k, v in _params(a).items():
+        torch.testing.assert_close(same[k], v)
+    merged = _params(pleas.merge(a, b, x, method="fisher", progress=False).model)
+    pa, pb = _params(a), _params(b)
+    for k in merged:  # a weighted average: between the two models, entry by entry
+        lo, hi = torch.minimum(pa[k], pb[k]), torch.maximum(pa[k], pb[k])
+        assert bool(((merged[k] >= lo - 1e-6) & (merged[k] <= hi + 1e-6)).all()), k
+    assert any(not torch.allclose(merged[k], (pa[k] + pb[k]) / 2, atol=1e-4) for k in merged)  # not the plain mean

@@ -108,10 +108,10 @@ def plan_runs(methods: Sequence[str], budgets: Sequence[float]) -> tuple[list[tu
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise MergeInputError(f"unknown method(s) {unknown}; known methods: {sorted(METHODS)}")
-    same_base = [m for m in methods if METHODS[m].needs_base]
+    same_base = [m for m in methods if METHODS[m].needs_base or METHODS[m].shared_origin]
     if same_base:
-        raise MergeInputError(f"method(s) {same_base} merge models fine-tuned from one shared base; the demo's models "
-                              "are trained from different initialisations")
+        raise MergeInputError(f"method(s) {same_base} merge models that share an origin (fine-tuned from one shared base); "
+                              "the demo's models are trained from different initialisations")
     bad = [b for b in budgets if not (isinstance(b, (int, float)) and b >= 1.0)]
     if bad:
         raise MergeInputError(f"budgets {bad} are out of range; allowed: numbers >= 1 (1x = one source model)")
@@ -136,7 +136,7 @@ def default_methods(quick: bool) -> list[str]:
 
     if quick:
         return [m for m in QUICK_METHODS if m in METHODS]
-    return sorted((m for m in METHODS if not METHODS[m].needs_base), key=lambda m: (METHODS[m].uses_budget, m))
+    return sorted((m for m in METHODS if not (METHODS[m].needs_base or METHODS[m].shared_origin)), key=lambda m: (METHODS[m].uses_budget, m))
 
 
 def source_models(config: ArchConfig, epochs: int, log: Callable[[str], None], seeds: dict[str, int] | None = None):

@@ -1,6 +1,7 @@
 """Merging methods, one module each, registered by name: compositions of the stages in
 :mod:`pleas.methods.stages`, each with its options declared next to its code."""
-from . import average, ensemble, pleas, rebasin, regmean, task_arithmetic, ties, zipit  # noqa: F401  (registration)
+from . import (adamerging, average, dare, ensemble, fisher, pleas, rebasin, regmean, task_arithmetic, ties,  # noqa: F401
+               zipit)  # (registration)
 from .options import Option
 from .registry import METHODS, Method, Outcome, describe_methods, get_method, register_method
 

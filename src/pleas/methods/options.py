@@ -19,7 +19,7 @@ _MISSING = object()
 @dataclass(frozen=True)
 class Option:
     """One option: ``kind`` is float, int, bool, str, or "any" (checked by ``check``); ``low``/``high``
-    bound numbers (``low_open`` excludes ``low``); ``choices`` lists allowed values."""
+    bound numbers (``low_open`` excludes ``low``, ``high_open`` excludes ``high``); ``choices`` lists allowed values."""
 
     name: str
     kind: Any
@@ -28,6 +28,7 @@ class Option:
     low: float | None = None
     high: float | None = None
     low_open: bool = False
+    high_open: bool = False
     choices: tuple | None = None
     check: Callable[[Any], Any] | None = None
     allowed_text: str | None = None
@@ -40,7 +41,7 @@ class Option:
         if self.kind in (int, float):
             what = "an integer" if self.kind is int else "a number"
             lo = "" if self.low is None else f" {'>' if self.low_open else '>='} {self.low:g}"
-            hi = "" if self.high is None else f"{' and' if lo else ''} <= {self.high:g}"
+            hi = "" if self.high is None else f"{' and' if lo else ''} {'<' if self.high_open else '<='} {self.high:g}"
             return what + lo + hi
         if self.kind is bool:
             return "True or False"
@@ -76,7 +77,7 @@ class Option:
                 raise bad()
             if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
                 raise bad()
-            if self.high is not None and value > self.high:
+            if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
                 raise bad()
             return value
         if self.kind is str:

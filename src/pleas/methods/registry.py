@@ -34,7 +34,8 @@ class Method:
     ``max_budget`` bounds the sizes the method can produce (relative to one model; None: no bound of its
     own beyond the architecture's reachable range). ``uses_budget`` is False for methods of a fixed size.
     ``needs_base`` is True for methods that merge models fine-tuned from one shared base (the ``base``
-    option).
+    option); ``shared_origin`` for those that assume one (unit i of every model is the same unit) without
+    needing the base itself (Fisher averaging).
     """
 
     name = ""
@@ -43,6 +44,7 @@ class Method:
     max_budget: float | None = None
     uses_budget = True
     needs_base = False
+    shared_origin = False
 
     def __init__(self, **options: Any):
         self.opts = validate_options(self.name, self.options, options)

@@ -47,3 +47,21 @@ def _trim(t: torch.Tensor, density: float) -> torch.Tensor:
     magnitude = t.abs().flatten()
     threshold = torch.kthvalue(magnitude, magnitude.numel() - keep + 1).values
     return torch.where(t.abs() >= threshold, t, torch.zeros_like(t))
+
+
+def dare(vectors: list[dict[str, torch.Tensor]], drop: float, seed: int) -> list[dict[str, torch.Tensor]]:
+    """DARE (Yu et al. 2024, "Language Models are Super Mario"): each entry of each task vector is dropped
+    (set to 0) with probability ``drop`` and the survivors are rescaled by 1 / (1 - drop), so every entry
+    keeps its expectation. The draws come from one generator seeded with ``seed``, in the order of the
+    vectors and their keys."""
+    if not 0.0 <= drop < 1.0:
+        raise MergeInputError(f"drop={drop}; allowed: 0 <= drop < 1 (the probability of dropping an entry)")
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for v in vectors:
+        kept = {}
+        for key, t in v.items():
+            keep = torch.rand(t.shape, generator=generator, dtype=torch.float64) >= drop
+            kept[key] = torch.where(keep, t / (1.0 - drop), torch.zeros_like(t))
+        out.append(kept)
+    return out
