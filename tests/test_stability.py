@@ -62,10 +62,13 @@ def test_degenerate_data_warns_and_stays_at_the_sources_scale(untrained_resnet18
 
 
 def test_norm_statistics_come_from_the_data_only_when_it_matches_the_sources():
+    """For the refitted merge (pleas); a merge without a refit recomputes them on the data in any case."""
     a, b = (randomise_norm_stats(VGGBN(), s) for s in (0, 1))
     x = torch.randn(64, 3, 16, 16)
-    foreign = _merge(a, b, x, method="rebasin")
+    foreign = _merge(a, b, x, method="pleas")
     assert foreign.report["norm_stats"] == "sources" and "differs" in foreign.report["norm_stats_reason"]
+    unrefitted = _merge(a, b, x, method="rebasin")
+    assert unrefitted.report["norm_stats"] == "data" and "no refit" in unrefitted.report["norm_stats_reason"]
     for m in (a, b):  # make the stored statistics those of this data (what training on it gives)
         for norm in m.modules():
             if isinstance(norm, nn.BatchNorm2d):
@@ -75,7 +78,7 @@ def test_norm_statistics_come_from_the_data_only_when_it_matches_the_sources():
         with torch.no_grad():
             m(x)
         m.eval()
-    native = _merge(a, b, x, method="rebasin")
+    native = _merge(a, b, x, method="pleas")
     assert native.report["norm_stats"] == "data" and "matches" in native.report["norm_stats_reason"]
     forced = _merge(a, b, x, method="rebasin", norm_stats="sources")
     assert forced.report["norm_stats"] == "sources" and forced.report["norm_stats_reason"] == "asked for"

@@ -71,10 +71,10 @@ class PLeaS(Method):
             setup = folded(setup)
         options = self.refit_options(setup)
         sampler = stages.target_sampler(setup, options) if options.inputs == "propagated" else None
-        observer = stages.norm_observer(setup)
+        observer = stages.norm_observer(setup, refitted=True)
         maps, allocation = aligned_partial_merge(setup, self.opts["allocation"], self.opts["merge_counts"],
                                                  observers=tuple(o for o in (sampler, observer) if o))
-        norms = stages.norm_decision(setup, observer)
+        norms = stages.norm_decision(setup, observer, refitted=True)
         options = self.refit_options(setup, reset=norms["norm_stats"] == "data")
         built = stages.build(setup, maps)
         entries = stages.refit(setup, built, options, sampler)
