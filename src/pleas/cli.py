@@ -215,7 +215,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         tasks=args.tasks, archs=args.archs, quick=args.quick, methods=args.methods, budgets=args.budgets,
         seed_pairs=args.seeds, calibration=args.calibration, epochs=args.epochs,
     )
-    if args.part == "all" and not args.quick:
+    narrowed = args.tasks or args.archs or args.methods or args.budgets or args.seeds
+    if args.part == "all" and not args.quick and not narrowed:  # a narrowed run asks for CNN pairs only
         suite.run_transformer_suite(args.out)
     suite.run_suite(config, args.out, command=_bench_command(args), progress=not args.no_progress)
     return 0
