@@ -127,3 +127,16 @@ def test_the_cli_merges_three_checkpoints_as_the_api_does(tmp_path, capsys):
     assert main(["merge", paths[0], "--arch", "mlp", "--kwargs", kwargs, "--data", str(tmp_path / "x.npy"),
                  "--out", str(tmp_path / "one.safetensors")]) == 2
     assert "at least two models" in capsys.readouterr().err and not (tmp_path / "one.safetensors").exists()
+
+
+def test_per_model_data_by_name_follows_the_models_names():
+    sources = _mlps(3)
+    x = torch.randn(96, 20, generator=torch.Generator().manual_seed(5))
+    named = {"a": sources[0], "b": sources[1], "c": sources[2]}
+    by_name = _merge(named, pleas.per_model({"c": x[64:], "a": x[:32], "b": x[32:64]}), method="regmean")
+    in_order = _merge(sources, pleas.per_model(x[:32], x[32:64], x[64:]), method="regmean")
+    assert_close(_outputs(by_name.model, x[:4])[0], _outputs(in_order.model, x[:4])[0], rel=1e-6)
+    with pytest.raises(pleas.MergeInputError, match="no data for \\['c'\\]"):
+        _merge(named, pleas.per_model({"a": x[:32], "b": x[32:64]}))
+    with pytest.raises(pleas.MergeInputError, match="no model named \\['d'\\]"):
+        _merge(named, pleas.per_model({"a": x, "b": x, "c": x, "d": x}))

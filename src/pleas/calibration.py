@@ -101,12 +101,31 @@ class PerModel:
     that gather statistics of each model alone (RegMean's Grams) use each model's own data; the others use
     all of it together. Each part is anything :class:`Calibration` accepts."""
 
-    def __init__(self, *parts: Any):
+    def __init__(self, *parts: Any, names: tuple[str, ...] | None = None):
         if len(parts) < 2:
             raise MergeInputError(f"per_model needs one calibration set per source model; got {len(parts)}")
         self.parts = parts
+        self.names = names  # the models' names, when given as a dict
+
+    def ordered(self, labels: list[str]) -> "PerModel":
+        """The parts in the order of the models named ``labels`` (data given by name must name every model,
+        and only those)."""
+        if self.names is None:
+            return self
+        missing = [n for n in labels if n not in self.names]
+        extra = [n for n in self.names if n not in labels]
+        if missing or extra:
+            raise MergeInputError(f"per_model data names {list(self.names)}, the models are {labels}: "
+                                  + "; ".join(filter(None, [missing and f"no data for {missing}",
+                                                            extra and f"no model named {extra}"])))
+        by_name = dict(zip(self.names, self.parts))
+        return PerModel(*(by_name[n] for n in labels))
 
 
 def per_model(*parts: Any) -> PerModel:
-    """Calibration data given per source model, in the order of the models (see :class:`PerModel`)."""
+    """Calibration data given per source model: in the order of the models, or one dict keyed by the names
+    of models given as a dict (``merge({"a": ma, "b": mb, ...}, per_model({"a": da, "b": db, ...}))``)."""
+    if len(parts) == 1 and isinstance(parts[0], dict):
+        named = parts[0]
+        return PerModel(*named.values(), names=tuple(str(k) for k in named))
     return PerModel(*parts)

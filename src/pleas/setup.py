@@ -206,6 +206,7 @@ def prepare(models: list[nn.Module], data: Any, *, budget: float, heads: str, ma
     copies = [copy.deepcopy(m).to(device=device, dtype=dtype).eval() for m in models]
     own = None
     if isinstance(data, PerModel):
+        data = data.ordered(labels)
         if len(data.parts) != len(models):
             raise MergeInputError(f"per_model data has {len(data.parts)} parts for {len(models)} models; give one per model")
         parts = [Calibration(d, batch_size=batch_size, device=device, dtype=dtype) for d in data.parts]
