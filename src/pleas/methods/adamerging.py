@@ -14,12 +14,10 @@ from torch.func import functional_call
 
 from ..capture import as_call
 from ..errors import MergeInputError
-from ..matching import Matching
-from ..setup import architecture_difference, check_finite
 from . import stages
 from .options import Option
-from .registry import Method, Outcome, register_method
-from .same_base import BASE
+from .registry import Outcome, register_method
+from .same_base import BASE, SameBaseMethod, identity_build
 from .task_vectors import task_vectors
 
 
@@ -38,7 +36,7 @@ def entropy(outputs) -> torch.Tensor:
 
 
 @register_method
-class AdaMerging(Method):
+class AdaMerging(SameBaseMethod):
     name = "adamerging"
     summary = "AdaMerging for models fine-tuned from one base: task-vector coefficients learned by entropy minimisation"
     options = (BASE,
@@ -47,22 +45,10 @@ class AdaMerging(Method):
                Option("steps", int, 100, "Adam steps on the entropy of the merged model's predictions", low=1),
                Option("lr", float, 1e-3, "Adam learning rate of the coefficients", low=0.0, low_open=True),
                Option("init", float, 0.3, "starting value of every coefficient"))
-    max_budget = 1.0
-    needs_base = True
-
-    def __init__(self, **options):
-        super().__init__(**options)
-        if self.opts["base"] is None:
-            BASE.validate(self.name, None)
 
     def run(self, setup):
         o, base = self.opts, self.opts["base"]
-        difference = architecture_difference(base, setup.state_dicts[0], "base", "model_a", ordered=False)
-        if difference:
-            raise MergeInputError(f"base has a different architecture than model_a: {difference}")
-        check_finite(base, "base")
-        counts = {g.name: g.width for g in setup.spec}
-        built = stages.build(setup, stages.partial_maps(setup.spec, Matching.identity(setup.spec, setup.n), counts))
+        built = identity_build(setup, base)
         model = stages.finished(setup, built)
         prefix = next(name for name, m in model.named_modules() if m is built.model)
         prefix = f"{prefix}." if prefix else ""

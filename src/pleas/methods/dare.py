@@ -4,13 +4,13 @@ dropped at random with probability ``drop`` and the rest rescaled by 1 / (1 - dr
 scale x their sum) or by TIES's sign election and disjoint mean (``combine="ties"``, DARE's random drop in
 place of TIES's magnitude trim, as the DARE paper and mergekit's ``dare_ties`` do)."""
 from .options import Option
-from .registry import Method, register_method
-from .same_base import BASE, SCALE, same_base_merge
+from .registry import register_method
+from .same_base import BASE, SCALE, SameBaseMethod, same_base_merge
 from .task_vectors import arithmetic, dare, ties
 
 
 @register_method
-class DARE(Method):
+class DARE(SameBaseMethod):
     name = "dare"
     summary = "DARE for models fine-tuned from one base: drop task-vector entries at random, rescale, combine"
     options = (BASE, Option("drop", float, 0.5, "probability of dropping each task-vector entry (the paper goes to "
@@ -18,13 +18,6 @@ class DARE(Method):
                Option("combine", str, "arithmetic", "how the dropped vectors are combined: their sum (task "
                       "arithmetic) or TIES's sign election and disjoint mean", choices=("arithmetic", "ties")),
                SCALE)
-    max_budget = 1.0
-    needs_base = True
-
-    def __init__(self, **options):
-        super().__init__(**options)
-        if self.opts["base"] is None:
-            BASE.validate(self.name, None)
 
     def run(self, setup):
         o = self.opts

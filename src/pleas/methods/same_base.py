@@ -14,7 +14,7 @@ from ..matching import Matching
 from ..setup import architecture_difference, check_finite
 from . import stages
 from .options import Option
-from .registry import Outcome
+from .registry import Method, Outcome
 from .task_vectors import task_vectors
 
 
@@ -39,14 +39,20 @@ BASE = Option("base", "model", None, "the model both were fine-tuned from: an nn
 SCALE = Option("scale", float, 1.0, "multiplier of the combined task vector")  # any finite number
 
 
-def same_base_merge(setup, base: dict[str, torch.Tensor], combine) -> Outcome:
-    """base + combine(task vectors) for every tensor of the body, at 1x."""
+def identity_build(setup, base: dict[str, torch.Tensor]):
+    """The base checked against the sources, and the sources rewritten unit i with unit i at 1x (the
+    layout every same-base method fills in)."""
     difference = architecture_difference(base, setup.state_dicts[0], "base", "model_a", ordered=False)
     if difference:
         raise MergeInputError(f"base has a different architecture than model_a: {difference}")
     check_finite(base, "base")
     counts = {g.name: g.width for g in setup.spec}
-    built = stages.build(setup, stages.partial_maps(setup.spec, Matching.identity(setup.spec, setup.n), counts))
+    return stages.build(setup, stages.partial_maps(setup.spec, Matching.identity(setup.spec, setup.n), counts))
+
+
+def same_base_merge(setup, base: dict[str, torch.Tensor], combine) -> Outcome:
+    """base + combine(task vectors) for every tensor of the body, at 1x."""
+    built = identity_build(setup, base)
     params = dict(built.model.named_parameters())
     sources = setup.state_dicts
     keys = [k for k, p in params.items() if p.shape == sources[0][k].shape]  # stacked separate heads stay as built
@@ -57,3 +63,15 @@ def same_base_merge(setup, base: dict[str, torch.Tensor], combine) -> Outcome:
     norms = stages.norm_decision(setup)
     stages.reset_norms(setup, built, norms)
     return Outcome(stages.finished(setup, built), built, norms)
+
+
+class SameBaseMethod(Method):
+    """A method for models fine-tuned from one shared base: at most 1x, and the ``base`` option required."""
+
+    max_budget = 1.0
+    needs_base = True
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        if self.opts["base"] is None:
+            BASE.validate(self.name, None)
