@@ -33,11 +33,9 @@ class Rebasin(Method):
     options = ALIGN_OPTIONS
 
     def run(self, setup):
-        observer = stages.norm_observer(setup)
-        maps, allocation = aligned_partial_merge(setup, self.opts["allocation"], self.opts["merge_counts"],
-                                                 observers=(observer,) if observer else ())
+        maps, allocation = aligned_partial_merge(setup, self.opts["allocation"], self.opts["merge_counts"])
         built = stages.build(setup, maps)
-        norms = stages.norm_decision(setup, observer)
+        norms = stages.norm_decision(setup)  # no refit: recomputed on the data under "auto"
         stages.reset_norms(setup, built, norms)
         report = {"allocation": allocation, **norms} if allocation else dict(norms)
         return Outcome(stages.finished(setup, built), built, report)

@@ -169,10 +169,7 @@ class Built:
         """The merged model's capture and analysis (made once; a merged model with the source's every shape
         runs the source's capture, and its analysis is the source's)."""
         if self._graph is None:
-            source = setup.models[0].state_dict()
-            same = list(source) == list(self.model.state_dict()) and all(
-                t.shape == source[k].shape for k, t in self.model.state_dict().items())
-            if same and type(self.model) is type(setup.models[0]):
+            if type(self.model) is type(setup.models[0]) and _same_tensors(setup.models[0], self.model):
                 self._graph = dataclasses.replace(setup.graph, program=setup.graph.program.bind(self.model))
             elif self._skeleton is not None and _same_tensors(self._skeleton.program.gm, self.model):
                 self._graph = dataclasses.replace(self._skeleton, program=self._skeleton.program.bind(self.model))
@@ -192,10 +189,10 @@ class Built:
             self.model.load_state_dict(self._graph.program.gm.state_dict(), strict=False)
 
 
-def _same_tensors(gm: nn.Module, model: nn.Module) -> bool:
-    """Whether a captured program's tensors have ``model``'s keys and shapes (a capture of that architecture
-    at those widths)."""
-    theirs, ours = gm.state_dict(), model.state_dict()
+def _same_tensors(holder: nn.Module, model: nn.Module) -> bool:
+    """Whether ``holder`` (a source model, or a captured program) has ``model``'s tensors by key and shape,
+    so that a capture of it runs ``model``."""
+    theirs, ours = holder.state_dict(), model.state_dict()
     return all(k in theirs and theirs[k].shape == t.shape for k, t in ours.items())
 
 

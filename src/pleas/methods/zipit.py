@@ -58,8 +58,7 @@ class ZipIt(Method):
             )
         n = setup.n
         widths = zip_widths(setup)
-        observer = stages.norm_observer(setup)
-        moments = stages.source_statistics(setup, moments="full", observers=(observer,) if observer else ())
+        moments = stages.source_statistics(setup, moments="full")
         maps = {}
         for g in setup.spec:
             if widths[g.name] < n * g.width:
@@ -68,6 +67,6 @@ class ZipIt(Method):
             else:
                 maps[g.name] = ensemble_map(g.width, n)
         built = stages.build(setup, maps)
-        norms = stages.norm_decision(setup, observer)
+        norms = stages.norm_decision(setup)  # no refit: recomputed on the data under "auto"
         stages.reset_norms(setup, built, norms)
         return Outcome(stages.finished(setup, built), built, norms)
