@@ -106,15 +106,17 @@ def refit_propagated(sources: list[Program], merged: Program, layers: list[Refit
                 st = empty_stats(layer, params, workspace, reachable)
                 picks, yr, images = samples.take(layer, maps, sizes)
                 xr, yr, blocks, order = merged_rows(layer, xs, picks, yr)
-                st.update(xr, yr, blocks)
                 held = None
-                if st.count < options.oversample * st.columns and held_images is not None:
-                    # fewer samples than the refit asks for: choose the ridge on held-out inputs' rows
+                if len(xr) < HELD_OUT_BELOW * len(st.gram) and held_images is not None:
+                    # fewer samples than the refit asks for: choose the ridge on held-out inputs' rows,
+                    # summed apart from the rest and added to them for the final solve
                     sparse.append(layer.name)
                     mask = held_images[images if order is None else images[order]]
                     held = empty_stats(layer, params, None, reachable)
-                    held.initial = None
                     held.update(*_subset(xr, yr, blocks, mask))
+                    st.update(*_subset(xr, yr, blocks, ~mask))
+                else:
+                    st.update(xr, yr, blocks)
                 own_out, own_in = layer.owners(params, maps, len(sources))
                 entries.append(solve_layer(layer.merged, st, params, own_out, own_in, options, held))
                 bar.update()
@@ -122,10 +124,12 @@ def refit_propagated(sources: list[Program], merged: Program, layers: list[Refit
                 set_norm_statistics(norms_at[node.name], walk.values(norms_at[node.name].in_node), params)
             walk.advance(node)
     bar.close()
-    warn_sparse(sparse, len(layers), sum(sizes), options.oversample)
+    warn_sparse(sparse, len(layers), sum(sizes), HELD_OUT_BELOW)
     return entries
 
 
+#: A layer with fewer samples than this per column it can read chooses its ridge on held-out rows.
+HELD_OUT_BELOW = 1
 #: Share of the calibration inputs whose rows are held out to choose a sparsely sampled layer's ridge.
 HELD_OUT = 0.2
 

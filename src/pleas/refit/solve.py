@@ -95,10 +95,13 @@ class LayerStats:
         vanish against them: an interpolating, wildly extrapolating fit)."""
         return float(self.gram.diagonal().sum()) / max(min(self.columns, self.count), 1)
 
-    def minus(self, other: "LayerStats") -> "LayerStats":
-        """The sums of this layer's rows that are not in ``other`` (a subset of them)."""
-        return LayerStats(self.gram - other.gram, self.cross - other.cross, self.target_sq - other.target_sq,
-                          self.count - other.count, self.index, self.columns)
+    def absorb(self, other: "LayerStats") -> None:
+        """Add the sums of ``other`` (rows of the same layer, disjoint from these) to these, in place."""
+        self.gram += other.gram
+        self.cross += other.cross
+        self.target_sq += other.target_sq
+        self.count += other.count
+        self.initial_sq += other.initial_sq
 
     def update(self, x: torch.Tensor, y: torch.Tensor, blocks: list | None = None) -> None:
         """Add a batch of rows. Large products run in float32 (a few thousand rows each); the running
@@ -107,7 +110,7 @@ class LayerStats:
         see padding; rows as indices, or a slice when they come grouped by block); each block then adds
         its own smaller product. Without blocks, columns that are zero in every row (such as kernel
         taps that only ever read padding) are skipped: they add nothing to G or C."""
-        self.target_sq += float((y.double() ** 2).sum())
+        self.target_sq += float(torch.linalg.vector_norm(y, dtype=torch.float64)) ** 2  # no float64 copy of y
         self.count += x.shape[0]
         if blocks is None:
             self._add(x if self.index is None else x[:, self.index], y, None)
@@ -146,17 +149,27 @@ class LayerStats:
         """||X W_0^T - Y||^2 / ||Y||^2 for the ``initial`` weight, summed over the updates."""
         return self.initial_sq / max(self.target_sq, 1e-30)
 
+    def errors(self):
+        """A function of a flattened weight w (m_out, P) giving ||X W^T - Y||^2 / ||Y||^2 from the sums
+        alone, with the blocks of G and C over the columns the data reached gathered once (for many
+        weights, as in a ridge grid). Unseen columns add nothing."""
+        seen = (self.gram.diagonal() > 0).nonzero().squeeze(1)
+        g, c, cols = self.gram, self.cross, None
+        if len(seen) < len(g):
+            g, c = g[seen[:, None], seen], c[seen]
+        if self.index is not None or len(seen) < len(self.gram):
+            cols = seen if self.index is None else self.index[seen]
+
+        def error(w: torch.Tensor) -> float:
+            w = w if cols is None else w[:, cols]
+            quad = quadratic_trace(w, g) - 2 * (w * c.T).sum() + self.target_sq
+            return float(quad.clamp_min(0)) / max(self.target_sq, 1e-30)
+
+        return error
+
     def error(self, w: torch.Tensor) -> float:
         """||X W^T - Y||^2 / ||Y||^2 for a flattened weight w (m_out, P), from the sums alone."""
-        if self.index is not None:
-            w = w[:, self.index]
-        seen = (self.gram.diagonal() > 0).nonzero().squeeze(1)  # unseen columns add nothing
-        g, c = self.gram, self.cross
-        if len(seen) < len(g):
-            w, g, c = w[:, seen], g[seen[:, None], seen], c[seen]
-        quad = quadratic_trace(w, g) - 2 * (w * c.T).sum() + self.target_sq
-        return float(quad.clamp_min(0)) / max(self.target_sq, 1e-30)
-
+        return self.errors()(w)
 
 
 #: Ridge strengths tried for a layer with fewer samples than ``oversample`` x its columns, as multiples
@@ -164,40 +177,56 @@ class LayerStats:
 RIDGE_GRID = (1.0, 10.0, 100.0, 1e3, 1e4)
 
 
-def masked_solve(st: LayerStats, w0: torch.Tensor, own_out: torch.Tensor, own_in: torch.Tensor, lam: float,
-                 opt: RefitOptions) -> tuple[torch.Tensor, float]:
-    """The ridge solution W (m_out, P) at strength ``lam`` under the zero-block constraint, and (exact
-    solves) ||X W^T - Y||^2 over the rows of ``st``."""
-    m_out, p = w0.shape
-    seen = st.seen()
-    exact = opt.method != "adam"
-    if exact:
-        st.gram.diagonal().add_(lam)  # every row pattern solves with G_JJ + lam I; undone below
-    quad = st.target_sq
-    w = w0.clone()
-    patterns = {} if opt.mask else {None: torch.arange(m_out)}
-    if opt.mask:
-        for i, key in enumerate(map(tuple, own_out.T.tolist())):
-            patterns.setdefault(key, []).append(i)
-    try:
-        for key, rows in patterns.items():
+class MaskedProblem:
+    """One layer's ridge problem under the zero-block constraint, ready to solve at any strength: the
+    output rows grouped by the models that own them (a row pattern), each with the input columns it may
+    read that the data reached, and those columns' blocks of G and C gathered once (a ridge grid then
+    gathers nothing again)."""
+
+    def __init__(self, st: LayerStats, w0: torch.Tensor, own_out: torch.Tensor, own_in: torch.Tensor,
+                 opt: RefitOptions):
+        m_out, p = w0.shape
+        self.st, self.w0, self.opt = st, w0, opt
+        seen = st.seen()
+        keys = {} if opt.mask else {None: list(range(m_out))}
+        if opt.mask:
+            for i, key in enumerate(map(tuple, own_out.T.tolist())):
+                keys.setdefault(key, []).append(i)
+        self.start = w0.clone()
+        self.patterns = []
+        for key, rows in keys.items():
             rows = torch.as_tensor(rows)
             allowed = torch.ones(p, dtype=torch.bool) if key is None else (torch.tensor(key)[:, None] & own_in).any(0)
-            w[rows[:, None], (~allowed).nonzero().squeeze(1)] = 0.0
+            self.start[rows[:, None], (~allowed).nonzero().squeeze(1)] = 0.0
             # Columns the data never reaches keep their initial weight: for them the ridge solution is W_0.
             cols = (allowed & seen).nonzero().squeeze(1)
             if len(cols):
-                start = w0[rows[:, None], cols]
-                sol, c = _ridge_solve(st, rows, cols, start, lam, opt)
-                w[rows[:, None], cols] = sol
-                if exact:
-                    # The solution satisfies W (G + lam I) = C^T + lam W0, so W G W^T needs no product with G:
-                    # ||X W^T - Y||^2 = sum(lam (W0 - W) * W - W * C^T) + ||Y||^2 over the pattern.
-                    quad += float((lam * (start - sol) * sol - sol * c.T).sum())
-    finally:
-        if exact:
-            st.gram.diagonal().sub_(lam)
-    return w, quad
+                local = st.local(cols)
+                every_col = len(cols) == st.gram.shape[0]  # then ``local`` is 0 ... P-1 in order
+                g = st.gram if every_col else st.gram[local[:, None], local]
+                c = st.cross[:, rows] if every_col else st.cross[local[:, None], rows]
+                self.patterns.append((rows, cols, g, c, w0[rows[:, None], cols]))
+
+    def solve(self, lam: float) -> tuple[torch.Tensor, float]:
+        """The ridge solution W (m_out, P) at strength ``lam``, and (exact solves) ||X W^T - Y||^2 over
+        the rows of the sums."""
+        exact = self.opt.method != "adam"
+        w, quad = self.start.clone(), self.st.target_sq
+        for rows, cols, g, c, start in self.patterns:
+            sol = _adam(g, c, start, lam, self.opt) if not exact else _ridge_solve(g, c, start, lam)
+            w[rows[:, None], cols] = sol
+            if exact:
+                # The solution satisfies W (G + lam I) = C^T + lam W0, so W G W^T needs no product with G:
+                # ||X W^T - Y||^2 = sum(lam (W0 - W) * W - W * C^T) + ||Y||^2 over the pattern.
+                quad += float((lam * (start - sol) * sol - sol * c.T).sum())
+        return w, quad
+
+
+def masked_solve(st: LayerStats, w0: torch.Tensor, own_out: torch.Tensor, own_in: torch.Tensor, lam: float,
+                 opt: RefitOptions) -> tuple[torch.Tensor, float]:
+    """The ridge solution W (m_out, P) at strength ``lam`` under the zero-block constraint, and (exact
+    solves) ||X W^T - Y||^2 over the rows of ``st`` (:class:`MaskedProblem`)."""
+    return MaskedProblem(st, w0, own_out, own_in, opt).solve(lam)
 
 
 def solve_layer(layer, st: LayerStats, params: dict, own_out: torch.Tensor, own_in: torch.Tensor,
@@ -207,34 +236,40 @@ def solve_layer(layer, st: LayerStats, params: dict, own_out: torch.Tensor, own_
     ``layer`` is the merged model's :class:`~pleas.ops.LinearMap`; ``own_out`` (n, m_out) and ``own_in``
     (n, P) say which source models own each output row and input column (the zero-block constraint).
     The ridge is ``opt.ridge`` times the data's scale (:meth:`LayerStats.scale`). With ``held`` (the sums
-    of held-out rows, a subset of ``st``'s), the strength is chosen from :data:`RIDGE_GRID` by the error
-    of a fit without those rows on them, and a layer whose fit would be worse there than its partial-merge
-    weights keeps them. Returns the layer's report entry: samples, columns, the relative ridge used, fit errors before and
-    after, and on held-out rows."""
+    of held-out rows, disjoint from ``st``'s), the strength is chosen from :data:`RIDGE_GRID` by the error
+    on them of a fit to ``st``'s rows, the held-out rows are then added to ``st`` (in place) for the final
+    solve, and a layer whose fit would be worse there than its partial-merge weights keeps them. Returns
+    the layer's report entry: samples, columns, the relative ridge used, fit errors before and after, and
+    on held-out rows."""
     w0 = layer.matrix(params)
     m_out, p = w0.shape
-    before = st.initial_error() if st.initial is not None else st.error(w0)
-    entry = {"layer": layer.name, "rows": st.count, "columns": p}
+    entry = {"layer": layer.name, "columns": p}
     exact = opt.method != "adam"
     factor = 1.0
     if held is not None and held.count and exact and held.target_sq > 0:
-        fit = st.minus(held)
-        base = held.error(w0)
+        base = held.initial_error() if held.initial is not None else held.error(w0)
         best = (base, None)
         previous = None
+        problem, scale, errors = MaskedProblem(st, w0, own_out, own_in, opt), st.scale(), held.errors()
         for f in RIDGE_GRID:
-            w_fit, _ = masked_solve(fit, w0, own_out, own_in, opt.ridge * f * fit.scale(), opt)
-            e = held.error(w_fit)
+            w_fit, _ = problem.solve(opt.ridge * f * scale)
+            e = errors(w_fit)
             if e < best[0]:
                 best = (e, f)
             if previous is not None and e > previous:
                 break  # past the best strength: larger ones only move back toward W_0
             previous = e
+        del problem
+        st.absorb(held)
         entry.update(heldout_rows=held.count, heldout_before=base, heldout_after=best[0])
-        if best[1] is None:  # no strength beats the partial merge on rows it did not see
-            entry.update(error_before=before, error_after=before, ridge=None, kept="its fit was worse on held-out rows")
-            return entry
         factor = best[1]
+    elif held is not None:
+        st.absorb(held)
+    entry["rows"] = st.count
+    before = st.initial_error() if st.initial is not None else st.error(w0)
+    if factor is None:  # no strength beats the partial merge on rows it did not see
+        entry.update(error_before=before, error_after=before, ridge=None, kept="its fit was worse on held-out rows")
+        return entry
     lam = opt.ridge * factor * st.scale()
     w, quad = masked_solve(st, w0, own_out, own_in, lam, opt)
     after = max(quad, 0.0) / max(st.target_sq, 1e-30) if exact else st.error(w)
@@ -243,26 +278,27 @@ def solve_layer(layer, st: LayerStats, params: dict, own_out: torch.Tensor, own_
     return entry
 
 
-def _ridge_solve(st: LayerStats, rows, cols, start, lam: float, opt: RefitOptions):
-    """min_W ||X_J W^T - Y_rows||^2 + lam ||W - W0||^2 over the allowed columns J: (G_JJ + lam I) W^T =
-    C_J,rows + lam W0^T, with ``start`` = W0[rows, J]. Cholesky in float64, where ``st.gram`` already
-    holds the lam I; Adam on the same objective when ``opt.method == 'adam'``. Returns W[rows, J] and
-    C_J,rows."""
-    local = st.local(cols)
-    every_col = len(cols) == st.gram.shape[0]  # then ``local`` is 0 ... P-1 in order
-    g = st.gram if every_col else st.gram[local[:, None], local]
-    c = st.cross[:, rows] if every_col else st.cross[local[:, None], rows]
-    if opt.method == "adam":
-        return _adam(g, c, start, lam, opt), c
+def _ridge_solve(g: torch.Tensor, c: torch.Tensor, start: torch.Tensor, lam: float) -> torch.Tensor:
+    """min_W ||X_J W^T - Y_rows||^2 + lam ||W - W0||^2 over the allowed columns J, from G_JJ (``g``),
+    C_J,rows (``c``) and ``start`` = W0[rows, J]: (G_JJ + lam I) W^T = C_J,rows + lam W0^T, by Cholesky
+    (float32 for large J, float64 otherwise or when float32 fails), least squares if both fail. ``g`` is
+    left as it was. Returns W[rows, J]."""
     rhs = c + lam * start.T
-    if len(cols) >= FLOAT32_SOLVE:
-        chol, info = torch.linalg.cholesky_ex(g.float())
+    if len(g) >= FLOAT32_SOLVE:
+        g32 = g.float()
+        g32.diagonal().add_(lam)
+        chol, info = torch.linalg.cholesky_ex(g32)
+        del g32
         if int(info) == 0:
-            return torch.cholesky_solve(rhs.float(), chol).double().T, c
-    chol, info = torch.linalg.cholesky_ex(g)
-    if int(info) == 0:
-        return torch.cholesky_solve(rhs, chol).T, c
-    return torch.linalg.lstsq(g, rhs).solution.T, c
+            return torch.cholesky_solve(rhs.float(), chol).double().T
+    g.diagonal().add_(lam)
+    try:
+        chol, info = torch.linalg.cholesky_ex(g)
+        if int(info) == 0:
+            return torch.cholesky_solve(rhs, chol).T
+        return torch.linalg.lstsq(g, rhs).solution.T
+    finally:
+        g.diagonal().sub_(lam)
 
 
 def _adam(g, c, start, lam: float, opt: RefitOptions) -> torch.Tensor:
