@@ -250,7 +250,7 @@ def norm_observer(setup: MergeSetup, *, refitted: bool = False) -> NormObserver 
     method (None when there is nothing to decide): give it to the method's pass over the sources."""
     if setup.norm_stats != "auto" or not setup.graph.norms or not refitted:
         return None
-    return NormObserver(setup.graph.norms)
+    return NormObserver(setup.graph.norms, setup.seed)
 
 
 def norm_decision(setup: MergeSetup, observer: NormObserver | None = None, *, refitted: bool = False) -> dict:
@@ -269,7 +269,7 @@ def norm_decision(setup: MergeSetup, observer: NormObserver | None = None, *, re
         return {"norm_stats": "data", "norm_stats_reason": "no refit: merged units follow neither source's stored "
                                                            "statistics, so they are recomputed on the data"}
     if observer is None or not observer.sums:
-        observer = NormObserver(setup.graph.norms)
+        observer = NormObserver(setup.graph.norms, setup.seed)
         source_pass(setup.programs, setup.batches, [observer], progress=setup.progress, desc="norm statistics")
     found = agreement(observer, setup.state_dicts)
     if found.agrees:

@@ -124,11 +124,14 @@ def refit_propagated(sources: list[Program], merged: Program, layers: list[Refit
                 set_norm_statistics(norms_at[node.name], walk.values(norms_at[node.name].in_node), params)
             walk.advance(node)
     bar.close()
-    warn_sparse(sparse, len(layers), sum(sizes), HELD_OUT_BELOW)
+    warn_sparse(sparse, len(layers), sum(sizes))
     return entries
 
 
-#: A layer with fewer samples than this per column it can read chooses its ridge on held-out rows.
+#: A layer with fewer samples than this per column it can read chooses its ridge on held-out rows. Measured
+#: with 32-1,000 calibration images on the benchmark's resnet18/resnet20 pairs, 4 (the refit's ``oversample``)
+#: gained no accuracy over 1 and cost about a quarter of a resnet18 merge's time; under-determined layers
+#: (below 1) need it: an untrained resnet18 on noise is 0.25 from the ensemble with it, 0.28 without.
 HELD_OUT_BELOW = 1
 #: Share of the calibration inputs whose rows are held out to choose a sparsely sampled layer's ridge.
 HELD_OUT = 0.2
@@ -160,14 +163,14 @@ def _subset(x: torch.Tensor, y: torch.Tensor, blocks: list | None, mask: torch.T
     return x[keep], y[keep], out
 
 
-def warn_sparse(layers: list[str], total: int, samples: int, oversample: int) -> None:
-    """One warning for the layers that saw fewer samples than the refit asks for."""
+def warn_sparse(layers: list[str], total: int, samples: int) -> None:
+    """One warning for the layers that saw fewer samples than the columns they read (:data:`HELD_OUT_BELOW`)."""
     if not layers:
         return
     import warnings
 
     warnings.warn(
-        f"pleas: {len(layers)} of {total} layers saw fewer calibration samples than {oversample} per input column "
+        f"pleas: {len(layers)} of {total} layers saw fewer calibration samples than the input columns they read "
         f"({samples} inputs; e.g. {layers[0]!r}): their ridge was chosen on held-out calibration inputs, and a "
         "layer whose fit was worse there kept its partial-merge weights (report['refit']). More calibration "
         "data gives a better merge.", stacklevel=2)
