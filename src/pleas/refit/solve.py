@@ -192,18 +192,25 @@ class MaskedProblem:
         if opt.mask:
             for i, key in enumerate(map(tuple, own_out.T.tolist())):
                 keys.setdefault(key, []).append(i)
-        self.start = w0.clone()
+        self.start = w0  # W_0 with the zero blocks zeroed: a copy once there are any
         self.patterns = []
         for key, rows in keys.items():
             rows = torch.as_tensor(rows)
             allowed = torch.ones(p, dtype=torch.bool) if key is None else (torch.tensor(key)[:, None] & own_in).any(0)
-            self.start[rows[:, None], (~allowed).nonzero().squeeze(1)] = 0.0
+            zero = (~allowed).nonzero().squeeze(1)
+            if len(zero):
+                self.start = w0.clone() if self.start is w0 else self.start
+                self.start[rows[:, None], zero] = 0.0
             # Columns the data never reaches keep their initial weight: for them the ridge solution is W_0.
             cols = (allowed & seen).nonzero().squeeze(1)
             if len(cols):
                 local = st.local(cols)
                 every_col = len(cols) == st.gram.shape[0]  # then ``local`` is 0 ... P-1 in order
                 g = st.gram if every_col else st.gram[local[:, None], local]
+                if len(rows) == m_out and len(cols) == p:  # one pattern over the whole weight: no gathers
+                    rows = cols = None
+                    self.patterns.append((rows, cols, g, st.cross, w0))
+                    continue
                 c = st.cross[:, rows] if every_col else st.cross[local[:, None], rows]
                 self.patterns.append((rows, cols, g, c, w0[rows[:, None], cols]))
 
@@ -211,10 +218,14 @@ class MaskedProblem:
         """The ridge solution W (m_out, P) at strength ``lam``, and (exact solves) ||X W^T - Y||^2 over
         the rows of the sums."""
         exact = self.opt.method != "adam"
-        w, quad = self.start.clone(), self.st.target_sq
+        whole = len(self.patterns) == 1 and self.patterns[0][0] is None
+        w, quad = None if whole else self.start.clone(), self.st.target_sq
         for rows, cols, g, c, start in self.patterns:
             sol = _adam(g, c, start, lam, self.opt) if not exact else _ridge_solve(g, c, start, lam)
-            w[rows[:, None], cols] = sol
+            if rows is None:
+                w = sol.contiguous()
+            else:
+                w[rows[:, None], cols] = sol
             if exact:
                 # The solution satisfies W (G + lam I) = C^T + lam W0, so W G W^T needs no product with G:
                 # ||X W^T - Y||^2 = sum(lam (W0 - W) * W - W * C^T) + ||Y||^2 over the pattern.
