@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from .errors import MergeInputError
 from .methods import get_method
 from .methods.stages import zero_blocks
@@ -148,7 +149,8 @@ def merge(
         "residual": residual,
         **({"aligned": setup.aligned} if setup.aligned else {}),
         "dtype": str(setup.dtype).replace("torch.", ""),
-        "calibration_samples": setup.data.samples(),
+        "calibration_samples": int(distributed.sum_numbers(setup.data.samples())[0]),
+        **({"processes": distributed.world_size()} if distributed.active() else {}),
         "size": size_report(setup, built, outcome.model, models[0], zero_blocks(setup, built) if built.model is not None else {}),
         "groups": [
             {"name": g.name, "width": g.width, "merged_width": widths[g.name], "merge_count": counts[g.name]}

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import distributed
+
 
 class NormObserver:
     """Per-channel count, mean and sum of squared deviations of every norm's input in every source model,
@@ -32,13 +34,14 @@ class NormObserver:
         self.norms = norms
         self.nodes = sorted({norm.in_node for norm in norms})
         self.sums: dict[tuple[int, str], list] = {}
-        self.gen = torch.Generator().manual_seed(seed)
+        self.seed = seed
 
-    def update(self, taps: list[dict]) -> None:
+    def update(self, taps: list[dict], index: int = 0) -> None:
         some = next((t[norm.in_node] for t in taps for norm in self.norms if norm.dim != 0), None)
         keep = None
         if some is not None and some.shape[0] > self.PER_BATCH:
-            keep = torch.randperm(some.shape[0], generator=self.gen)[: self.PER_BATCH].sort().values
+            keep = torch.randperm(some.shape[0], generator=distributed.batch_generator(self.seed, index))[: self.PER_BATCH]
+            keep = keep.sort().values
         for k, t in enumerate(taps):
             for norm in self.norms:
                 x = t[norm.in_node]
@@ -55,6 +58,18 @@ class NormObserver:
                 delta = mean - run_mean
                 total = count + n
                 entry[:] = [total, run_mean + delta * (n / total), run_m2 + m2 + delta * delta * (count * n / total)]
+
+    def reduce(self) -> None:
+        """Add up the ranks' moments (as sums of x and x^2 about the mean, in float64)."""
+        if not distributed.active():
+            return
+        for key in sorted(self.sums):
+            count, mean, m2 = self.sums[key]
+            packed = torch.cat([torch.tensor([float(count)], dtype=torch.float64), count * mean, m2 + count * mean * mean])
+            distributed.all_sum(packed)
+            total, s1, s2 = packed[0], packed[1 : 1 + len(mean)], packed[1 + len(mean) :]
+            mean = s1 / total
+            self.sums[key] = [int(total), mean, (s2 - total * mean * mean).clamp_min(0)]
 
     def moments(self, k: int, norm) -> tuple[torch.Tensor, torch.Tensor, int]:
         count, mean, m2 = self.sums[(k, norm.name)]

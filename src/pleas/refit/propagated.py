@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..capture import Program, Walk, fitting_batches
 from ..capture.program import batch_size
 from ..rewrite.maps import GroupMap
@@ -26,7 +27,7 @@ class TargetSampler:
         self.nodes = sorted({layer.out_node for layer in layers})
         self.limits = {layer.weight: row_limit(columns[layer.weight], options.oversample, options.min_rows, n_batches)
                        for layer in layers}
-        self.gen = torch.Generator().manual_seed(options.seed)
+        self.seed = options.seed
         self.picks: dict[str, list] = {layer.weight: [] for layer in layers}
         self.shapes: dict[str, list] = {layer.weight: [] for layer in layers}  # output shape of every batch
         self.rows: dict[str, list] = {layer.weight: [] for layer in layers}
@@ -43,11 +44,12 @@ class TargetSampler:
         columns = {layer.weight: math.ceil(layer.columns(params) * grow) for layer in graph.layers}
         return cls(list(graph.layers), columns, options, n_batches)
 
-    def update(self, taps: list[dict]) -> None:
+    def update(self, taps: list[dict], index: int = 0) -> None:
         self.batches += 1
+        gen = distributed.batch_generator(self.seed, index)
         for layer in self.layers:
             ys = [t[layer.out_node] for t in taps]
-            pick = layer.pick(tuple(ys[0].shape), self.limits[layer.weight], self.gen)
+            pick = layer.pick(tuple(ys[0].shape), self.limits[layer.weight], gen)
             self.picks[layer.weight].append(pick)
             self.shapes[layer.weight].append(tuple(ys[0].shape))
             self.rows[layer.weight].append([layer.output_rows(y, pick) for y in ys])
@@ -83,7 +85,8 @@ def refit_propagated(sources: list[Program], merged: Program, layers: list[Refit
     batches = fitting_batches(merged, batches, options.max_frontier_bytes)
     if samples is None:
         columns = {layer.source.weight: layer.merged.columns(params) for layer in layers}
-        samples = TargetSampler([layer.source for layer in layers], columns, options, len(batches))
+        samples = TargetSampler([layer.source for layer in layers], columns, options,
+                                distributed.offset_and_total(len(batches))[1])
         source_pass(sources, batches, [samples], progress=options.progress, desc="least-squares targets")
     by_node = {layer.merged.out_node: layer for layer in layers}
     norms_at = {norm.node: norm for norm in norms} if options.reset_norms else {}
@@ -92,7 +95,9 @@ def refit_propagated(sources: list[Program], merged: Program, layers: list[Refit
     last = max([position[layer.merged.out_node] for layer in layers] + [position[n] for n in norms_at], default=-1)
     walk = Walk(merged, batches)
     sizes = [batch_size(b) for b in batches]
-    held_images = _held_out(sum(sizes), options.seed)
+    first, total = distributed.offset_and_total(sum(sizes))  # this rank's inputs among every rank's
+    held_images = _held_out(total, options.seed)
+    held_images = None if held_images is None else held_images[first : first + sum(sizes)]
     entries, workspace, sparse = [], [None], []  # one Gram buffer for every layer
     bar = tqdm(total=len(layers), desc="least-squares refit", disable=not options.progress, leave=False)
     with torch.no_grad():
@@ -107,7 +112,8 @@ def refit_propagated(sources: list[Program], merged: Program, layers: list[Refit
                 picks, yr, images = samples.take(layer, maps, sizes)
                 xr, yr, blocks, order = merged_rows(layer, xs, picks, yr)
                 held = None
-                if len(xr) < HELD_OUT_BELOW * len(st.gram) and held_images is not None:
+                rows = distributed.sum_numbers(len(xr))[0]
+                if rows < HELD_OUT_BELOW * len(st.gram) and held_images is not None:
                     # fewer samples than the refit asks for: choose the ridge on held-out inputs' rows,
                     # summed apart from the rest and added to them for the final solve
                     sparse.append(layer.name)
@@ -117,6 +123,9 @@ def refit_propagated(sources: list[Program], merged: Program, layers: list[Refit
                     st.update(*_subset(xr, yr, blocks, ~mask))
                 else:
                     st.update(xr, yr, blocks)
+                st.reduce()
+                if held is not None:
+                    held.reduce()
                 own_out, own_in = layer.owners(params, maps, len(sources))
                 entries.append(solve_layer(layer.merged, st, params, own_out, own_in, options, held))
                 bar.update()
@@ -124,7 +133,7 @@ def refit_propagated(sources: list[Program], merged: Program, layers: list[Refit
                 set_norm_statistics(norms_at[node.name], walk.values(norms_at[node.name].in_node), params)
             walk.advance(node)
     bar.close()
-    warn_sparse(sparse, len(layers), sum(sizes))
+    warn_sparse(sparse, len(layers), total)
     return entries
 
 

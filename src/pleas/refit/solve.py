@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import distributed
 from ..statistics.gram import gram, quadratic_trace
 
 #: Products x^T x with fewer multiply-adds than this run in float64 (the rest in float32).
@@ -95,6 +96,14 @@ class LayerStats:
         vanish against them: an interpolating, wildly extrapolating fit)."""
         return float(self.gram.diagonal().sum()) / max(min(self.columns, self.count), 1)
 
+    def reduce(self) -> None:
+        """Sum over the ranks of a process group, in place (:mod:`pleas.distributed`)."""
+        if not distributed.active():
+            return
+        numbers = torch.tensor([self.target_sq, self.count, self.initial_sq], dtype=torch.float64)
+        distributed.all_sum(self.gram, self.cross, numbers)
+        self.target_sq, self.count, self.initial_sq = float(numbers[0]), int(numbers[1]), float(numbers[2])
+
     def absorb(self, other: "LayerStats") -> None:
         """Add the sums of ``other`` (rows of the same layer, disjoint from these) to these, in place."""
         self.gram += other.gram
@@ -134,9 +143,9 @@ class LayerStats:
         if self.initial is not None:
             w0 = self.initial if self.index is None else self.initial[:, self.index]
             w0 = w0 if active is None else w0[:, active]
-            r = torch.addmm(y, x, w0.T.to(x.dtype), beta=-1).flatten()  # X W_0^T - Y
+            r = torch.addmm(y.to(x.dtype), x, w0.T.to(x.dtype), beta=-1).flatten()  # X W_0^T - Y
             self.initial_sq += float(torch.dot(r, r))
-        g, c = gram(x), (x.T @ y).double()
+        g, c = gram(x), (x.T @ y.to(x.dtype)).double()
         if active is None:
             self.gram += g
             self.cross += c
