@@ -110,6 +110,12 @@ def merge(
 
     Warnings from the merge (symmetries given up, statistics from few samples) are issued with Python's
     ``warnings`` and listed in ``report["warnings"]``.
+
+    Several processes: in an initialised ``torch.distributed`` process group (or under ``torchrun``,
+    whose group is joined with gloo), ``data`` is this rank's shard; every statistic is summed over the
+    ranks and every rank returns the same merged model (:mod:`pleas.distributed`). Shards that are
+    consecutive runs of whole batches (``pleas.distributed.shard``) give the one-process merge up to
+    round-off. Every rank fails if any does.
     """
     start = time.perf_counter()
     models, labels, data = _models_and_data(model_a, model_b, data)
@@ -119,6 +125,7 @@ def merge(
         raise MergeInputError(f"residual={residual!r}; allowed: {', '.join(map(repr, RESIDUALS))}")
     if algo.max_budget is not None and budget > algo.max_budget:
         raise MergeInputError(f"method {method!r} makes models of size at most {algo.max_budget:g}x; got budget={budget}")
+    distributed.join_from_environment()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         setup = prepare(models, data, labels=labels, budget=budget, heads=heads, matching=matching, seed=seed,

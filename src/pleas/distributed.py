@@ -26,6 +26,13 @@ from .errors import MergeInputError, PleasError
 TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("PLEAS_DIST_TIMEOUT", 300)))
 
 
+def join_from_environment() -> None:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) with no process group yet, join the
+    one torchrun describes (gloo, :data:`TIMEOUT`), so that a merge script runs unchanged on K processes."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=TIMEOUT)
+
+
 def active() -> bool:
     """Whether this process is one of several in an initialised default process group."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
