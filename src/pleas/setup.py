@@ -45,6 +45,8 @@ class MergeSetup:
     #: groups aligned by a rotation before the merge (their matching is then the identity): name -> what
     #: the report says of it
     aligned: dict[str, dict] = field(default_factory=dict)
+    #: bytes one layer's refit solve may use (from ``max_memory``; None: no bound), :mod:`pleas.memory`
+    max_solve_bytes: int | None = None
 
     def batches_of(self, i: int) -> list:
         """Model i's own calibration batches (all of them when the data is shared)."""
