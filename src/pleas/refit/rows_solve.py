@@ -150,8 +150,8 @@ def solve_layer_rows(layer, x: torch.Tensor, y: torch.Tensor, params: dict, own_
     """:func:`pleas.refit.solve.solve_layer` from the rows X (N, P) and targets Y (N, m_out) themselves
     (the dual form: :class:`RowsProblem`), with the same ridge rule, held-out choice of its strength
     (``held``: (N,) booleans, the held-out rows) and report entry."""
-    w0 = layer.matrix(params)
-    w0d = w0  # kept in its dtype: products with it run in float64 in chunks
+    w0 = layer.matrix(params, params[layer.weight].dtype)  # its own dtype: products run in float64 in chunks
+    w0d = w0
     entry = {"layer": layer.name, "columns": w0.shape[1]}
     factor = 1.0
     before_all = row_errors(x, y)(w0d)
@@ -179,7 +179,7 @@ def solve_layer_rows(layer, x: torch.Tensor, y: torch.Tensor, params: dict, own_
         return entry
     problem = RowsProblem(x, y, w0d, own_out, own_in, opt)
     w, quad = problem.solve(opt.ridge * factor * problem.scale())
-    layer.set_matrix(params, w.to(w0.dtype))
+    layer.set_matrix(params, w)
     entry.update(error_before=before_all, error_after=max(quad, 0.0) / max(problem.target_sq, 1e-30),
                  ridge=opt.ridge * factor)
     return entry
