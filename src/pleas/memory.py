@@ -208,7 +208,8 @@ def check_memory(estimate: MemoryEstimate, limit: int, method_name: str, given: 
              f"moments {fmt_bytes(estimate.moments)}, refit targets {fmt_bytes(estimate.targets)}, "
              f"activations {fmt_bytes(estimate.frontier)}")
     largest = (f"; the largest layer {layer['layer']!r} ({layer['columns']} columns x {layer['outputs']} outputs, "
-               f"{layer['rows']} sampled rows) needs {fmt_bytes(layer['bytes'])} with solver {layer['solver']!r} "
+               f"{layer['rows']} sampled rows) needs {fmt_bytes(layer['bytes'])} "
+               f"{'with solver ' + repr(layer['solver']) if layer['solver'] else 'at least (no solver fits)'} "
                f"(a float64 Gram: {fmt_bytes(layer['dense_bytes'])})" if layer else "")
     fits = []
     if method_name == "regmean":

@@ -87,6 +87,14 @@ class RowsProblem:
             cols = (allowed & seen).nonzero().squeeze(1)  # unseen columns keep W_0: the dual adds nothing there
             if len(cols):
                 self.patterns.append([rows, cols])
+        covered = torch.zeros(m_out, dtype=torch.bool)
+        for rows, _ in self.patterns:
+            covered[rows] = True
+        rest = (~covered).nonzero().squeeze(1)  # rows reading no seen column: their fit error stays W_0's
+        self.rest_sq = 0.0
+        if len(rest):
+            r = y.index_select(1, rest).double() - _times_t(x.double(), self.start, rest, torch.arange(p))
+            self.rest_sq = float((r * r).sum())
         for pattern in self.patterns:
             rows, cols = pattern
             xj = x.index_select(1, cols).double() if len(cols) < p else x.double()
@@ -100,7 +108,7 @@ class RowsProblem:
     def solve(self, lam: float) -> tuple[torch.Tensor, float]:
         """The ridge solution W (m_out, P) at strength ``lam`` and ||X W^T - Y||^2 over the rows."""
         w = self.start.clone()
-        quad = self.target_sq
+        quad = self.rest_sq
         for rows, cols, xj, k, resid in self.patterns:
             system = k.clone()
             system.diagonal().add_(max(lam, 1e-12 * float(k.diagonal().mean()) + 1e-300))
@@ -115,7 +123,7 @@ class RowsProblem:
                 else:
                     w[r[:, None], cols] += delta
             after = resid - k @ alpha  # Y - X W^T over the pattern
-            quad += float((after * after).sum() - (resid * resid).sum())
+            quad += float((after * after).sum())
         return w, quad
 
 
