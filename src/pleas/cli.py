@@ -89,6 +89,16 @@ def _check_outputs(args: argparse.Namespace) -> None:
     check_outputs({"--out": args.out, "--report": args.report, "--plot": args.plot}, [*args.models, args.data])
 
 
+def _memory(text: str) -> int:
+    from .errors import MergeInputError
+    from .memory import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except MergeInputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     import time
 
@@ -139,7 +149,8 @@ def merge_rank(args: argparse.Namespace, method: str, start: float) -> int:
     result = merge(
         sources, data, method=method, budget=args.budget, budget_metric=args.budget_metric,
         heads=args.heads, matching=args.matching, norm_stats=args.norm_stats, residual=args.residual,
-        seed=args.seed, batch_size=args.batch_size, progress=sys.stderr.isatty(), **args.options,
+        seed=args.seed, batch_size=args.batch_size, progress=sys.stderr.isatty(), max_memory=args.max_memory,
+        **args.options,
     )
     if distributed.rank() != 0:
         return 0  # every rank holds the same merged model; rank 0 writes it
@@ -307,6 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-metric", choices=METRICS, default="params",
                    help="what the budget counts: dense parameters, Linear/Conv multiply-adds, or either without the "
                    "zero blocks (effective_params, effective_flops: the paper's count; range [1, 2]) (default params)")
+    p.add_argument("--max-memory", type=_memory, default=None,
+                   help="most resident memory the merge may reach, e.g. 6GB (binary units); the merge's peak is "
+                   "estimated first and a merge that would not fit fails at once, writing nothing (default: the "
+                   "machine's available memory)")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser(

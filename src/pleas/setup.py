@@ -48,6 +48,8 @@ class MergeSetup:
     aligned: dict[str, dict] = field(default_factory=dict)
     #: calibration batches over every rank of a process group (:mod:`pleas.distributed`); this rank's alone
     total_batches: int = 0
+    #: bytes one layer's refit solve may use (from ``max_memory``; None: no bound), :mod:`pleas.memory`
+    max_solve_bytes: int | None = None
 
     def __post_init__(self) -> None:
         self.total_batches = self.total_batches or len(self.batches)

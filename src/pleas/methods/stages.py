@@ -213,7 +213,7 @@ def build(setup: MergeSetup, maps: dict[str, GroupMap], state_dicts: list[dict] 
     state = transform_state_dicts(spec, state_dicts or setup.state_dicts, full, target=target)
     for problem in fold_tied_output_scales(setup.graph, spec, target, full, setup.n, state):
         warnings.warn(f"pleas: {problem}", stacklevel=3)
-    return Built(build_model(setup.models[0], state).eval(), target, full, _skeleton=skeleton)
+    return Built(build_model(setup.models[0], state, take=True).eval(), target, full, _skeleton=skeleton)
 
 
 def finished(setup: MergeSetup, built: Built) -> nn.Module:

@@ -13,6 +13,7 @@ from ..norms.reset import set_norm_statistics
 from ..statistics.passes import source_pass
 from .layers import RefitLayer, row_limit
 from .rows import merged_rows
+from .rows_solve import plan_layer, solve_layer_rows
 from .solve import LayerStats, RefitOptions, solve_layer
 
 class TargetSampler:
@@ -108,17 +109,31 @@ def refit_propagated(sources: list[Program], merged: Program, layers: list[Refit
             if layer is not None:
                 xs = walk.values(layer.merged.in_node)
                 reachable = layer.merged.reachable_columns(tuple(xs[0].shape), layer.merged.bias is not None)
-                st = empty_stats(layer, params, workspace, reachable)
                 picks, yr, images = samples.take(layer, maps, sizes)
                 xr, yr, blocks, order = merged_rows(layer, xs, picks, yr)
+                own_out, own_in = layer.owners(params, maps, len(sources))
+                columns = layer.merged.columns(params) if reachable is None else len(reachable)
+                rows = distributed.sum_numbers(len(xr))[0]  # over every rank of a process group
+                solver = plan_layer(columns, yr.shape[1], int(rows), options.max_solve_bytes, options.solver)
+                if solver in ("rows", None) and distributed.active():
+                    solver = "float32"  # the rows stay on their ranks; a float32 Gram is a sum over them
+                if solver in ("rows", None):  # the dual form on the rows themselves (no Gram; see rows_solve)
+                    held = (held_images[images if order is None else images[order]]
+                            if len(xr) < HELD_OUT_BELOW * columns and held_images is not None else None)
+                    entries.append({**solve_layer_rows(layer.merged, xr, yr, params, own_out, own_in, options, held),
+                                    "solver": "rows"})
+                    bar.update()
+                    walk.advance(node)
+                    continue
+                st = empty_stats(layer, params, workspace if solver == "dense" else None, reachable,
+                                 torch.float64 if solver == "dense" else torch.float32)
                 held = None
-                rows = distributed.sum_numbers(len(xr))[0]
                 if rows < HELD_OUT_BELOW * len(st.gram) and held_images is not None:
                     # fewer samples than the refit asks for: choose the ridge on held-out inputs' rows,
                     # summed apart from the rest and added to them for the final solve
                     sparse.append(layer.name)
                     mask = held_images[images if order is None else images[order]]
-                    held = empty_stats(layer, params, None, reachable)
+                    held = empty_stats(layer, params, None, reachable, st.gram.dtype)
                     held.update(*_subset(xr, yr, blocks, mask))
                     st.update(*_subset(xr, yr, blocks, ~mask))
                 else:
@@ -126,8 +141,8 @@ def refit_propagated(sources: list[Program], merged: Program, layers: list[Refit
                 st.reduce()
                 if held is not None:
                     held.reduce()
-                own_out, own_in = layer.owners(params, maps, len(sources))
-                entries.append(solve_layer(layer.merged, st, params, own_out, own_in, options, held))
+                entries.append({**solve_layer(layer.merged, st, params, own_out, own_in, options, held),
+                                "solver": solver})
                 bar.update()
             elif node.name in norms_at:
                 set_norm_statistics(norms_at[node.name], walk.values(norms_at[node.name].in_node), params)
@@ -186,7 +201,7 @@ def warn_sparse(layers: list[str], total: int, samples: int) -> None:
 
 
 def empty_stats(layer: RefitLayer, params: dict, workspace: list | None = None,
-                index: torch.Tensor | None = None) -> LayerStats:
+                index: torch.Tensor | None = None, dtype: torch.dtype = torch.float64) -> LayerStats:
     """Zeroed sums for ``layer`` (over the columns ``index`` only, if given). With ``workspace`` (a
     one-element list), G and C are views of one float64 buffer kept across layers: zeroing memory already
     mapped is far cheaper than mapping a new Gram matrix per layer. Only for layers solved one at a time."""
@@ -195,7 +210,7 @@ def empty_stats(layer: RefitLayer, params: dict, workspace: list | None = None,
     k = p if index is None else len(index)
     m_out = m.outputs(params)
     if workspace is None:
-        gram, cross = torch.zeros(k, k, dtype=torch.float64), torch.zeros(k, m_out, dtype=torch.float64)
+        gram, cross = torch.zeros(k, k, dtype=dtype), torch.zeros(k, m_out, dtype=torch.float64)
     else:
         need = k * k + k * m_out
         if workspace[0] is None or workspace[0].numel() < need:

@@ -47,6 +47,10 @@ class RefitOptions:
     seed: int = 0
     max_gram_bytes: int = 4 << 30
     max_frontier_bytes: int = 4 << 30
+    #: bytes one layer's solve may use (None: no bound): decides each layer's solver (:mod:`.rows_solve`)
+    max_solve_bytes: int | None = None
+    #: "auto" (by ``max_solve_bytes``), or force "dense" (float64 Gram), "rows" (dual form) or "float32"
+    solver: str = "auto"
     reset_norms: bool = True  # set the norms' statistics on the merged model's own activations
     progress: bool = True
 
@@ -145,11 +149,12 @@ class LayerStats:
             w0 = w0 if active is None else w0[:, active]
             r = torch.addmm(y.to(x.dtype), x, w0.T.to(x.dtype), beta=-1).flatten()  # X W_0^T - Y
             self.initial_sq += float(torch.dot(r, r))
-        g, c = gram(x), (x.T @ y.to(x.dtype)).double()
+        c = (x.T @ y.to(x.dtype)).double()
         if active is None:
-            self.gram += g
+            gram(x, out=self.gram)  # added in place: no (P, P) temporary
             self.cross += c
         else:  # G[active, active] += g as one add at flat positions (2.5x faster than row adds or index_put_)
+            g = gram(x).to(self.gram.dtype)
             flat = (active[:, None] * self.gram.shape[1] + active).view(-1)
             self.gram.view(-1).index_add_(0, flat, g.view(-1))
             self.cross.index_add_(0, active, c)
@@ -171,7 +176,7 @@ class LayerStats:
 
         def error(w: torch.Tensor) -> float:
             w = w if cols is None else w[:, cols]
-            quad = quadratic_trace(w, g) - 2 * (w * c.T).sum() + self.target_sq
+            quad = quadratic_trace(w.to(g.dtype), g).double() - 2 * (w * c.T).sum() + self.target_sq
             return float(quad.clamp_min(0)) / max(self.target_sq, 1e-30)
 
         return error
@@ -304,6 +309,15 @@ def _ridge_solve(g: torch.Tensor, c: torch.Tensor, start: torch.Tensor, lam: flo
     (float32 for large J, float64 otherwise or when float32 fails), least squares if both fail. ``g`` is
     left as it was. Returns W[rows, J]."""
     rhs = c + lam * start.T
+    if g.dtype == torch.float32:  # a Gram summed in float32 (memory): factored in place of a copy
+        g.diagonal().add_(lam)
+        try:
+            chol, info = torch.linalg.cholesky_ex(g)
+            if int(info) == 0:
+                return torch.cholesky_solve(rhs.float(), chol).double().T
+            return torch.linalg.lstsq(g.double(), rhs).solution.T
+        finally:
+            g.diagonal().sub_(lam)
     if len(g) >= FLOAT32_SOLVE:
         g32 = g.float()
         g32.diagonal().add_(lam)
