@@ -30,9 +30,9 @@ def two_ranks(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("method, budget", worker.CASES)
-def test_two_ranks_give_the_one_process_merge(two_ranks, method, budget):
-    one = worker.merge(method, budget, worker.data())
+@pytest.mark.parametrize("method, budget, options", worker.CASES)
+def test_two_ranks_give_the_one_process_merge(two_ranks, method, budget, options):
+    one = worker.merge(method, budget, worker.data(), **options)
     want = one.model.state_dict()
     for rank in (0, 1):
         saved = torch.load(two_ranks / f"{method}-rank{rank}.pt", weights_only=False)
@@ -103,5 +103,5 @@ def test_cli_nproc_with_too_little_data_is_a_clear_error_and_writes_nothing(tmp_
                  "--out", str(out)])
     assert code != 0
     err = capsys.readouterr().err
-    assert "rank 0 of 2 failed" in err and "no samples" in err
+    assert "rank" in err and "failed" in err and "no samples" in err  # either rank may report first
     assert not out.exists()

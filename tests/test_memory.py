@@ -94,8 +94,9 @@ def test_float32_gram_is_close_to_float64():
     assert diff < 1e-4
 
 
-def test_plan_prefers_float64_then_rows_then_float32():
-    assert plan_layer(25089, 4096, 64, None) == "dense"
+def test_plan_prefers_rows_below_columns_then_float64_then_float32():
+    assert plan_layer(25089, 4096, 64, None) == "rows"  # fewer rows than columns: the dual form
+    assert plan_layer(4097, 4096, 16388, None) == "dense"
     assert plan_layer(25089, 4096, 64, 2 << 30) == "rows"
     assert plan_layer(4097, 4096, 16388, 600 << 20) == "float32"
     assert plan_layer(4097, 4096, 16388, 1 << 20) is None

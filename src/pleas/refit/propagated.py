@@ -13,7 +13,7 @@ from ..norms.reset import set_norm_statistics
 from ..statistics.passes import source_pass
 from .layers import RefitLayer, row_limit
 from .rows import merged_rows
-from .rows_solve import plan_layer, solve_layer_rows
+from .rows_solve import plan_layer, solve_bytes, solve_layer_rows
 from .solve import LayerStats, RefitOptions, solve_layer
 
 class TargetSampler:
@@ -116,10 +116,15 @@ def refit_propagated(sources: list[Program], merged: Program, layers: list[Refit
                 rows = distributed.sum_numbers(len(xr))[0]  # over every rank of a process group
                 solver = plan_layer(columns, yr.shape[1], int(rows), options.max_solve_bytes, options.solver)
                 if solver in ("rows", None) and distributed.active():
-                    solver = "float32"  # the rows stay on their ranks; a float32 Gram is a sum over them
+                    # the rows stay on their ranks; a Gram is a sum over them
+                    fits = options.max_solve_bytes is None or \
+                        solve_bytes("dense", columns, yr.shape[1], int(rows)) <= options.max_solve_bytes
+                    solver = "dense" if fits else "float32"
                 if solver in ("rows", None):  # the dual form on the rows themselves (no Gram; see rows_solve)
                     held = (held_images[images if order is None else images[order]]
                             if len(xr) < HELD_OUT_BELOW * columns and held_images is not None else None)
+                    if held is not None:
+                        sparse.append(layer.name)
                     entries.append({**solve_layer_rows(layer.merged, xr, yr, params, own_out, own_in, options, held),
                                     "solver": "rows"})
                     bar.update()
