@@ -99,7 +99,19 @@ def cmd_merge(args: argparse.Namespace) -> int:
                      report_bytes, save_pretrained_atomically)
     from .methods import METHODS
 
+    from .synthesis import OPTIONS as SYNTHESIS_OPTIONS
+    from .synthesis import synthesize, synthetic_count
+
     start = time.perf_counter()
+    synthetic = synthetic_count(args.data)
+    if synthetic is not None and args.input_shape is None:
+        raise MergeInputError(f"--data {args.data} needs --input-shape: the shape of one input, e.g. 1,32,32 for "
+                              "one-channel 32x32 images")
+    unknown = sorted(set(args.synthesis) - set(SYNTHESIS_OPTIONS))
+    if unknown:
+        raise MergeInputError(f"--synthesis names unknown options {unknown}; allowed: {list(SYNTHESIS_OPTIONS)}")
+    if synthetic is not None and args.samples is not None:
+        raise MergeInputError(f"--samples does not apply to --data {args.data}: N is the number of inputs synthesised")
     method = args.method or "pleas"
     if method not in METHODS:
         hint = "" if args.method else " (the default); pass --method"
@@ -116,12 +128,23 @@ def cmd_merge(args: argparse.Namespace) -> int:
     else:
         sources = [load_model(args.arch, args.kwargs, path) for path in args.models]
         tokenizer = None
-    data = load_calibration(args.data, args.samples, seed=args.seed, tokenizer=tokenizer, seq_len=args.seq_len)
+    synthesis = None
+    if synthetic is not None:
+        began = time.perf_counter()
+        data = synthesize(sources, synthetic, shape=args.input_shape, seed=args.seed, progress=sys.stderr.isatty(),
+                          **args.synthesis)
+        synthesis = {"samples": synthetic, "shape": list(args.input_shape), "options": args.synthesis,
+                     "seconds": time.perf_counter() - began}
+    else:
+        data = load_calibration(args.data, args.samples, seed=args.seed, tokenizer=tokenizer, seq_len=args.seq_len)
     result = merge(
         sources, data, method=method, budget=args.budget, budget_metric=args.budget_metric,
         heads=args.heads, matching=args.matching, norm_stats=args.norm_stats, residual=args.residual,
         seed=args.seed, batch_size=args.batch_size, progress=sys.stderr.isatty(), **args.options,
     )
+    if synthesis is not None:  # its time next to the merge's
+        result.report["synthesis"] = synthesis
+        result.report["seconds"] = {**result.report.get("seconds", {}), "synthesis": synthesis["seconds"]}
     info = {"arch": args.arch, "kwargs": args.kwargs} if not pretrained else {"pretrained": True}
     from pathlib import Path
 
@@ -156,7 +179,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         print(f"widths   {len(groups)} groups, {new_units} units from {src_units} per source "
               f"(per group {min(ratios):.2f}x to {max(ratios):.2f}x)")
     print(f"calib    {data.shape[0]} samples of shape {tuple(data.shape[1:])}"
-          + (" (token ids)" if not data.dtype.is_floating_point else ""))
+          + (" (token ids)" if not data.dtype.is_floating_point else "")
+          + (f", synthesised from the sources' BatchNorm statistics in {synthesis['seconds']:.2f} s" if synthesis else ""))
     print(f"wrote    {args.out}" + (f" and {args.report}" if args.report else "") + (f" and {args.plot}" if args.plot else ""))
     print(f"seconds  {time.perf_counter() - start:.2f} (merge {result.report.get('seconds', {}).get('total', 0):.2f})")
     return 0
@@ -255,7 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True,
                    help="calibration inputs: mnist, digits, mnist1d (optionally name:resolution, e.g. digits:16), "
                    "a .npy / .pt file holding an array (N, ...) (integers: token ids), or a .txt file of text (cut "
-                   "into --seq-len tokens with the model directory's tokenizer, or bytes)")
+                   "into --seq-len tokens with the model directory's tokenizer, or bytes), or synthetic:N: N inputs "
+                   "synthesised from the sources' BatchNorm statistics (DeepInversion; needs --input-shape)")
+    p.add_argument("--input-shape", type=_shape, default=None, help="shape of one input for --data synthetic:N, "
+                   "comma-separated, e.g. 1,32,32")
+    p.add_argument("--synthesis", type=_kwargs, default={}, help="JSON object of pleas.synthesize options for "
+                   "--data synthetic:N, e.g. '{\"steps\": 100}'")
     p.add_argument("--seq-len", type=_positive_int, default=128, help="tokens per calibration window of a .txt file "
                    "(default 128)")
     p.add_argument("--samples", type=_positive_int, default=None,

@@ -27,6 +27,8 @@ from .errors import MergeInputError
 #: inputs, matched to its statistics alone (like task calibration data, half from each domain);
 #: "joint" matches every batch to every model's statistics at once.
 MODES = ("share", "joint")
+#: The options of :func:`synthesize` a caller may set by name (the command line's ``--synthesis``).
+OPTIONS = ("steps", "lr", "batch_size", "bn", "tv", "l2", "targets", "mode")
 
 
 @dataclass(frozen=True)
@@ -245,3 +247,23 @@ def statistics_gap(model: nn.Module, x: Tensor, *, batch_size: int = 1024) -> li
                      "mean_shift": float(((mean - stored_mean).abs() / torch.sqrt(stored_var + eps)).max()),
                      "log_variance_ratio": float(torch.log((var + eps) / (stored_var + eps)).abs().max())})
     return gaps
+
+
+#: The ``--data`` prefix of synthesised calibration data on the command line (``synthetic:N``).
+PREFIX = "synthetic:"
+
+
+def synthetic_count(spec: str) -> int | None:
+    """N of a ``"synthetic:N"`` calibration spec; None for any other spec. A bad N is a clear error."""
+    text = str(spec)
+    if not text.startswith(PREFIX):
+        return None
+    value = text[len(PREFIX):]
+    try:
+        n = int(value)
+    except ValueError:
+        n = None
+    if n is None or n < 1:
+        raise MergeInputError(f"--data {text!r}: {value!r} is not a number of inputs; allowed: synthetic:N with N a "
+                              "positive integer, e.g. synthetic:512")
+    return n
