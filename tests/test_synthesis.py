@@ -95,7 +95,8 @@ def test_a_seed_fixes_the_result_and_the_models_are_left_as_they_were():
 
 def test_shares_match_each_model_and_joint_matches_both():
     a, b = planted(0), planted(1)
-    x = pleas.synthesize([a, b], 64, shape=SHAPE, steps=200, lr=0.05, tv=0.0, l2=0.0, batch_size=32, progress=False)
+    x = pleas.synthesize([a, b], 64, shape=SHAPE, steps=200, lr=0.05, tv=0.0, l2=0.0, batch_size=32, mode="share",
+                         progress=False)
     # each share is matched to its own model: far closer to its statistics than to the other model's
     for own, other, share in ((a, b, x[:32]), (b, a, x[32:])):
         assert 5 * worst(statistics_gap(own, share))[0] < worst(statistics_gap(other, share))[0]
