@@ -85,9 +85,9 @@ def test_selection_and_configs():
     assert quick.selection == [("mnist-halves", "mlp")] and quick.seed_pairs == 1 and quick.budgets == [1.0, 1.5]
     full = run.make_config()
     assert full.seed_pairs == 3 and full.budgets == [1.0, 1.2, 1.5, 1.8, 2.0] and full.selection == pairs
-    # 28 merges per pair at every budget, PLeaS without permutations at 1x, and three effective-budget
-    # allocations at 1.2x and 1.5x only
-    assert run.count_merges(full) == (28 + 1 + 3 * 2) * 3 * len(pairs)
+    # 33 merges per pair at every budget (PLeaS on synthesised data among them), PLeaS without permutations
+    # at 1x, three effective-budget allocations at 1.2x and 1.5x only, three free-data ablations at 1x and 2x
+    assert run.count_merges(full) == (33 + 1 + 3 * 2 + 3 * 2) * 3 * len(pairs)
     assert tasks.pair_seeds(2) == (4, 5)
 
 

@@ -148,6 +148,17 @@ FREE_ABLATIONS = {"pleas-free-norms": "norm statistics from free data", "pleas-f
                   "pleas-free-refit": "refit on free data"}
 
 
+def _free_seconds(s: Summary, task: str, arch: str, budget: float) -> str:
+    """Merge seconds of PLeaS and each free variant at ``budget``, with the synthesis's own time."""
+    parts = []
+    for label, name in {"pleas": "PLeaS", **FREE_VARIANTS}.items():
+        found = s.merge(task, arch, label, budget)
+        if found:
+            extra = f" + {found['synthesis_seconds'].mean:.3g} synthesis" if "synthesis_seconds" in found else ""
+            parts.append(f"{name} {found['seconds'].mean:.3g}{extra}")
+    return "; ".join(parts)
+
+
 def free_near_pleas(s: Summary) -> Finding:
     """The best PLeaS-free variant's mean accuracy at most :data:`FEW_POINTS` below PLeaS's at every
     budget, with the ablation rows (each at the first budget) that show where any loss comes from."""
@@ -157,7 +168,7 @@ def free_near_pleas(s: Summary) -> Finding:
                    and any(s.merge(task, arch, v, b) for v in FREE_VARIANTS)]
         if not budgets:
             unmeasured.append(_combo(task, arch))
-            rows.append([_combo(task, arch), "-", "-", "-", "-", "-", "not measured"])
+            rows.append([_combo(task, arch), "-", "-", "-", "-", "-", "-", "not measured"])
             continue
         best, diffs = {}, {}
         for b in budgets:
@@ -177,10 +188,10 @@ def free_near_pleas(s: Summary) -> Finding:
         rows.append([_combo(task, arch), f"{first:g}x", fmt.spread(s.mean_acc(task, arch, "pleas", first)),
                      f"{fmt.spread(s.mean_acc(task, arch, best[first], first))} ({FREE_VARIANTS[best[first]]})",
                      " / ".join(f"{fmt.points(diffs[b])} ({b:g}x, {FREE_VARIANTS[best[b]]})" for b in budgets),
-                     "; ".join(parts) or "-", verdict])
+                     "; ".join(parts) or "-", _free_seconds(s, task, arch, first), verdict])
     text, holds = _overall(holding, failing, unmeasured)
     table = fmt.table(["task / arch", "budget", "PLeaS", "best PLeaS-free", "difference in points, per budget",
-                       "each free variant and ablation against PLeaS (points)", "verdict"], rows)
+                       "each free variant and ablation against PLeaS (points)", "seconds", "verdict"], rows)
     return Finding("PLeaS-free is within a few points of PLeaS",
                    f"Calibrating on data from neither domain costs only a few points (here: the best PLeaS-free "
                    f"variant, {' or '.join(FREE_VARIANTS.values())} data, at most {100 * FEW_POINTS:.0f} points of "

@@ -38,6 +38,8 @@ SEED_PAIRS = 3
 #: Calibration samples per merge (half from each domain's training split), full run and ``--quick``.
 CALIBRATION = 1000
 QUICK_CALIBRATION = 200
+#: The budgets of the free-data ablations (the smallest and the largest of the full run).
+ABLATION_BUDGETS = (1.0, 2.0)
 #: Adam steps per batch of the synthesised calibration data (pleas.synthesize), full run and ``--quick``.
 SYNTHESIS_STEPS = 100
 QUICK_SYNTHESIS_STEPS = 10
@@ -98,11 +100,11 @@ BENCH_METHODS: dict[str, MethodSetup] = {
         MethodSetup("pleas-synthetic", "pleas", "PLeaS calibrated on inputs synthesised from the sources' BatchNorm "
                     "statistics (pleas.synthesize; no data at all)", calibration="synthetic"),
         MethodSetup("pleas-free-norms", "pleas", "ablation: PLeaS-free with norm statistics recomputed on the free "
-                    "data (norm_stats='data')", {"norm_stats": "data"}, calibration="free"),
+                    "data (norm_stats='data')", {"norm_stats": "data"}, calibration="free", budgets=ABLATION_BUDGETS),
         MethodSetup("pleas-free-match", "pleas", "ablation: units matched on free data, refit and norm statistics on "
-                    "the task's data", calibration="free-match"),
+                    "the task's data", calibration="free-match", budgets=ABLATION_BUDGETS),
         MethodSetup("pleas-free-refit", "pleas", "ablation: units matched on the task's data, refit and norm "
-                    "statistics on free data", calibration="free-refit"),
+                    "statistics on free data", calibration="free-refit", budgets=ABLATION_BUDGETS),
         *(MethodSetup(label, "pleas",
                       f"PLeaS, budget in effective parameters (zero blocks not counted), allocation '{allocation}'",
                       {"budget_metric": "effective_params", "allocation": allocation}, budgets=ALLOCATION_BUDGETS)
