@@ -72,8 +72,8 @@ def test_models_without_batchnorm_are_refused_with_what_is_needed():
         pleas.synthesize([planted(0), MLP()], 8, shape=SHAPE, steps=1, progress=False)
 
 
-@pytest.mark.parametrize("bad, match", [({"n": 0}, "n=0"), ({"shape": None}, "shape=None"), ({"mode": "both"}, "mode"),
-                                        ({"steps": 0}, "steps=0"), ({"lr": -1.0}, "lr=-1.0")])
+@pytest.mark.parametrize("bad, match", [({"n": 0}, "n=0"), ({"shape": None}, "shape=None"), ({"shape": 16}, "shape=16"),
+                                        ({"mode": "both"}, "mode"), ({"steps": 0}, "steps=0"), ({"lr": -1.0}, "lr=-1.0")])
 def test_bad_arguments_are_clear_errors(bad, match):
     args = {"n": 8, "shape": SHAPE, "steps": 1, **bad}
     with pytest.raises(MergeInputError, match=match):

@@ -57,7 +57,8 @@ def _norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 def _check(models: list, n, shape, options: SynthesisOptions, mode: str) -> list[nn.Module]:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise MergeInputError(f"synthesize: n={n!r}; allowed: a positive integer (the number of inputs)")
-    if shape is None or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape) or not shape:
+    if not isinstance(shape, tuple) or not shape or \
+            not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
         raise MergeInputError(f"synthesize: shape={shape!r}; allowed: the shape of one input as positive integers, "
                               "e.g. (1, 32, 32) for one-channel 32x32 images")
     if mode not in MODES:
@@ -172,8 +173,8 @@ def synthesize(model_or_models: nn.Module | list[nn.Module] | tuple | dict, n: i
     models = list(model_or_models.values()) if isinstance(model_or_models, dict) else \
         list(model_or_models) if isinstance(model_or_models, (list, tuple)) else [model_or_models]
     options = SynthesisOptions(steps, lr, batch_size, bn, tv, l2, targets)
-    models = _check(models, n, tuple(shape) if shape is not None else None, options, mode)
-    shape = tuple(shape)
+    shape = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else shape
+    models = _check(models, n, shape, options, mode)
     if mode == "share":
         bounds = [i * n // len(models) for i in range(len(models) + 1)]
         plan = [([k], bounds[k + 1] - bounds[k]) for k in range(len(models))]

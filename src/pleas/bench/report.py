@@ -108,8 +108,8 @@ def _setup(results: dict) -> list[str]:
         f"**Budgets** {', '.join(f'{b:g}x' for b in config.get('budgets', []))} where a method can make them "
         f"(average and RegMean make 1x only; the ensemble has its fixed size); **{config.get('seed_pairs', '?')} seed "
         f"pair(s)**; **{config.get('calibration', '?')} calibration samples** per merge, half from each domain's "
-        f"training split (PLeaS-free: as many of its free data; pleas-synthetic: as many synthesised by "
-        f"`pleas.synthesize`, whose time is reported apart from the merge's), batch size "
+        f"training split (PLeaS-free: as many of its free data; pleas-synthetic: at most 256 inputs synthesised "
+        f"by `pleas.synthesize` with 400 steps, whose time is reported apart from the merge's), batch size "
         f"{config.get('batch_size', '?')}.",
         "",
         "**Measured per merge:** accuracy on each domain's test split and their mean; the dense size (entries of "

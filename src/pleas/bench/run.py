@@ -40,8 +40,11 @@ CALIBRATION = 1000
 QUICK_CALIBRATION = 200
 #: The budgets of the free-data ablations (the smallest and the largest of the full run).
 ABLATION_BUDGETS = (1.0, 2.0)
-#: Adam steps per batch of the synthesised calibration data (pleas.synthesize), full run and ``--quick``.
-SYNTHESIS_STEPS = 100
+#: Synthesised calibration data (pleas.synthesize): inputs (at most the run's calibration size) and Adam
+#: steps, full run and ``--quick``. At equal cost, 256 inputs with 400 steps beat 1000 with 100 (domains /
+#: resnet20, PLeaS at 1x: 0.676 against 0.538; docs/free-data.md): their quality, not their number, limits.
+SYNTHESIS_SAMPLES = 256
+SYNTHESIS_STEPS = 400
 QUICK_SYNTHESIS_STEPS = 10
 #: The (task, architecture) pairs of ``--quick``.
 QUICK_SELECTION = (("mnist-halves", "mlp"),)
@@ -335,7 +338,7 @@ def _synthesis(config: BenchConfig, a, b, calibration: dict, pair: int, bar: tqd
     steps = QUICK_SYNTHESIS_STEPS if config.quick else SYNTHESIS_STEPS
     start = time.perf_counter()
     try:
-        calibration["synthetic"] = synthesize([a.model, b.model], config.calibration,
+        calibration["synthetic"] = synthesize([a.model, b.model], min(SYNTHESIS_SAMPLES, config.calibration),
                                               shape=tuple(calibration["task"].shape[1:]), steps=steps, seed=pair,
                                               progress=False)
     except MergeInputError as exc:
