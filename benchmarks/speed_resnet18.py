@@ -12,7 +12,6 @@ Usage: python benchmarks/speed_resnet18.py [--images 4000] [--batch 256] [--repe
 import argparse
 import json
 import resource
-import statistics
 import time
 
 import torch

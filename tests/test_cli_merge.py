@@ -102,9 +102,10 @@ def _garbage(d):
         (lambda f, d: {"extra": ["--method", "no_such_method"]}, "unknown method 'no_such_method'; known methods"),
         (lambda f, d: {"data": "no_such_data"}, "unknown calibration data"),
         (lambda f, d: {"data": "digits"}, "calibration batches of shape"),
+        (lambda f, d: {"extra": ["--max-memory", "1MB"]}, "is estimated to peak at"),
     ],
     ids=["missing", "garbage", "wrong-arch", "budget-low", "budget-high", "unknown-method", "unknown-data",
-         "data-shape"],
+         "data-shape", "max-memory"],
 )
 def test_errors_exit_2_and_leave_no_file(tmp_path, files, capsys, change, match):
     args = dict(files)

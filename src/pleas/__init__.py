@@ -7,7 +7,7 @@ A merge runs in stages, each a package: :mod:`pleas.capture` (the model captured
 :mod:`pleas.matching`, :mod:`pleas.budget`, :mod:`pleas.rewrite` (maps, state-dict rewrite, rebuilt model),
 :mod:`pleas.refit` and :mod:`pleas.norms`; :mod:`pleas.methods` composes them (docs/architecture.md).
 """
-from .api import merge
+from .api import estimate_memory, merge
 from .calibration import PerModel, per_model
 from .capture import Program, capture
 from .errors import MergeInputError, PleasError, SpecError, UnsupportedOpError
@@ -32,6 +32,7 @@ __all__ = [
     "Group", "GroupMap", "Member", "MergeInputError", "MergeResult", "ModelEnsemble", "ModelGraph", "PerModel", "PermutationSpec",
     "PleasError",
     "Program", "SeparateHeads", "Site", "SpecError", "UnsupportedOpError", "__version__", "analyze", "build_model",
+    "estimate_memory",
     "build_spec", "capture", "create_model", "duplication_map", "merge", "per_model", "permutation_map",
     "permute_state_dict",
     "register_function_handler", "register_method_handler", "register_module_handler", "register_resizer",

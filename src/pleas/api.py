@@ -8,11 +8,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from .errors import MergeInputError
 from .methods import get_method
 from .methods.stages import zero_blocks
 from .result import MergeResult, describe, size_report
+from .memory import MemoryEstimate, available_memory, check_memory, estimate_memory as _estimate, parse_bytes, resident_memory
 from .setup import RESIDUALS, align_stream, prepare
+
+
+def _solvers(report: dict) -> dict:
+    """How many refitted layers each solver solved (README "Memory")."""
+    counts: dict = {}
+    for entry in report.get("refit", []) or []:
+        if isinstance(entry, dict) and "solver" in entry:
+            counts[entry["solver"]] = counts.get(entry["solver"], 0) + 1
+    return counts
 
 
 def _check_budget_value(budget: Any) -> float:
@@ -65,6 +76,7 @@ def merge(
     norm_stats: str = "auto",
     residual: str = "permutation",
     progress: bool = True,
+    max_memory: int | str | None = None,
     **options: Any,
 ) -> MergeResult:
     """Merge two (or more) models of one architecture into one model of size ``budget`` x one model.
@@ -104,11 +116,22 @@ def merge(
         seed: makes every random choice reproducible.
         device, dtype: where and in which floating dtype the merge runs; ``dtype=None`` keeps the models'
             own (float32 if they mix dtypes). The merged model has that dtype.
+        max_memory: the most resident memory the merging process may reach, in bytes or as "6GB" (binary
+            units); default: the machine's available memory plus what the process holds. The merge's peak is
+            estimated before any statistics are gathered (:func:`pleas.estimate_memory`): above the bound it
+            fails at once with a :class:`MergeInputError` naming the largest layer and what would fit; under
+            it, each layer of the refit is solved the way that fits (``report["memory"]``, README "Memory").
         options: method options (e.g. ``alpha`` for ``zipit``); unknown names are an error listing the
             method's options.
 
     Warnings from the merge (symmetries given up, statistics from few samples) are issued with Python's
     ``warnings`` and listed in ``report["warnings"]``.
+
+    Several processes: in an initialised ``torch.distributed`` process group (or under ``torchrun``,
+    whose group is joined with gloo), ``data`` is this rank's shard; every statistic is summed over the
+    ranks and every rank returns the same merged model (:mod:`pleas.distributed`). Shards that are
+    consecutive runs of whole batches (``pleas.distributed.shard``) give the one-process merge up to
+    round-off. Every rank fails if any does.
     """
     start = time.perf_counter()
     models, labels, data = _models_and_data(model_a, model_b, data)
@@ -118,6 +141,7 @@ def merge(
         raise MergeInputError(f"residual={residual!r}; allowed: {', '.join(map(repr, RESIDUALS))}")
     if algo.max_budget is not None and budget > algo.max_budget:
         raise MergeInputError(f"method {method!r} makes models of size at most {algo.max_budget:g}x; got budget={budget}")
+    distributed.join_from_environment()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         setup = prepare(models, data, labels=labels, budget=budget, heads=heads, matching=matching, seed=seed,
@@ -127,6 +151,10 @@ def merge(
             align_stream(setup)
         if algo.uses_budget:
             setup.check_budget()
+        limit = parse_bytes(max_memory) if max_memory is not None else resident_memory() + available_memory()
+        estimate = _estimate(setup, algo, limit)
+        check_memory(estimate, limit, method, max_memory is not None)
+        setup.max_solve_bytes = estimate.solve_budget
         t_setup = time.perf_counter()
         outcome = algo.run(setup)
     t_run = time.perf_counter()
@@ -148,14 +176,31 @@ def merge(
         "residual": residual,
         **({"aligned": setup.aligned} if setup.aligned else {}),
         "dtype": str(setup.dtype).replace("torch.", ""),
-        "calibration_samples": setup.data.samples(),
+        "calibration_samples": int(distributed.sum_numbers(setup.data.samples())[0]),
+        **({"processes": distributed.world_size()} if distributed.active() else {}),
         "size": size_report(setup, built, outcome.model, models[0], zero_blocks(setup, built) if built.model is not None else {}),
         "groups": [
             {"name": g.name, "width": g.width, "merged_width": widths[g.name], "merge_count": counts[g.name]}
             for g in setup.spec
         ],
         **outcome.report,
+        "memory": {**estimate.report(), "solvers": _solvers(outcome.report)},
         "warnings": found,
         "seconds": {"setup": t_setup - start, "run": t_run - t_setup, "total": time.perf_counter() - start},
     }
     return MergeResult(outcome.model, setup.spec, counts, widths, report)
+
+
+def estimate_memory(model_a, model_b: Any = _UNSET, data: Any = _UNSET, *, method: str = "pleas", budget: float = 1.0,
+                    max_memory: int | str | None = None, seed: int = 0, batch_size: int = 256,
+                    **options: Any) -> MemoryEstimate:
+    """The estimated peak memory of ``merge(model_a, model_b, data, method=..., budget=..., **options)``
+    (same arguments), without merging: ``.peak`` in bytes, its parts, the largest layer and each
+    layer's solver under ``max_memory`` (``.report()``). Prepares the merge (copies and captures) only."""
+    models, labels, data = _models_and_data(model_a, model_b, data)
+    algo = get_method(method, **options)
+    setup = prepare(models, data, labels=labels, budget=_check_budget_value(budget), heads="shared",
+                    matching="activation", seed=seed, device="cpu", dtype=None, batch_size=batch_size,
+                    norm_stats="auto", progress=False)
+    limit = parse_bytes(max_memory) if max_memory is not None else resident_memory() + available_memory()
+    return _estimate(setup, algo, limit)

@@ -89,18 +89,23 @@ def _check_outputs(args: argparse.Namespace) -> None:
     check_outputs({"--out": args.out, "--report": args.report, "--plot": args.plot}, [*args.models, args.data])
 
 
+def _memory(text: str) -> int:
+    from .errors import MergeInputError
+    from .memory import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except MergeInputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     import time
 
-    from .api import merge
     from .errors import MergeInputError
-    from .files import write_atomically
-    from .io import (is_pretrained_dir, load_calibration, load_model, load_pretrained, load_tokenizer, merged_files,
-                     report_bytes, save_pretrained_atomically)
     from .methods import METHODS
-
     from .synthesis import OPTIONS as SYNTHESIS_OPTIONS
-    from .synthesis import synthesize, synthetic_count
+    from .synthesis import synthetic_count
 
     start = time.perf_counter()
     synthetic = synthetic_count(args.data)
@@ -119,6 +124,27 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if len(args.models) < 2:
         raise MergeInputError(f"pleas merge needs at least two models; got {len(args.models)}")
     _check_outputs(args)
+    if args.nproc > 1:
+        from . import distributed
+
+        distributed.launch(args.nproc, merge_rank, (args, method, start))
+        return 0
+    return merge_rank(args, method, start)
+
+
+def merge_rank(args: argparse.Namespace, method: str, start: float) -> int:
+    """Load, merge and write (the last two on rank 0 only in a process group of ``--nproc`` ranks, each of
+    which merges from its own run of whole calibration batches)."""
+    import time
+
+    from . import distributed
+    from .api import merge
+    from .errors import MergeInputError
+    from .files import write_atomically
+    from .io import (is_pretrained_dir, load_calibration, load_model, load_pretrained, load_tokenizer, merged_files,
+                     report_bytes, save_pretrained_atomically)
+    from .synthesis import synthesize, synthetic_count
+
     pretrained = is_pretrained_dir(args.models[0])
     if pretrained:
         sources = [load_pretrained(path) for path in args.models]
@@ -129,7 +155,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         sources = [load_model(args.arch, args.kwargs, path) for path in args.models]
         tokenizer = None
     synthesis = None
-    if synthetic is not None:
+    synthetic = synthetic_count(args.data)
+    if synthetic is not None:  # every rank synthesises the same inputs (seeded), then takes its share
         began = time.perf_counter()
         data = synthesize(sources, synthetic, shape=args.input_shape, seed=args.seed, progress=sys.stderr.isatty(),
                           **args.synthesis)
@@ -137,11 +164,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
                      "seconds": time.perf_counter() - began}
     else:
         data = load_calibration(args.data, args.samples, seed=args.seed, tokenizer=tokenizer, seq_len=args.seq_len)
+    samples = data.shape[0]
+    if distributed.active():
+        data = distributed.shard(data, args.batch_size)
     result = merge(
         sources, data, method=method, budget=args.budget, budget_metric=args.budget_metric,
         heads=args.heads, matching=args.matching, norm_stats=args.norm_stats, residual=args.residual,
-        seed=args.seed, batch_size=args.batch_size, progress=sys.stderr.isatty(), **args.options,
+        seed=args.seed, batch_size=args.batch_size, progress=sys.stderr.isatty(), max_memory=args.max_memory,
+        **args.options,
     )
+    if distributed.rank() != 0:
+        return 0  # every rank holds the same merged model; rank 0 writes it
     if synthesis is not None:  # its time next to the merge's
         result.report["synthesis"] = synthesis
         result.report["seconds"] = {**result.report.get("seconds", {}), "synthesis": synthesis["seconds"]}
@@ -178,9 +211,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if ratios:
         print(f"widths   {len(groups)} groups, {new_units} units from {src_units} per source "
               f"(per group {min(ratios):.2f}x to {max(ratios):.2f}x)")
-    print(f"calib    {data.shape[0]} samples of shape {tuple(data.shape[1:])}"
+    print(f"calib    {samples} samples of shape {tuple(data.shape[1:])}"
           + (" (token ids)" if not data.dtype.is_floating_point else "")
-          + (f", synthesised from the sources' BatchNorm statistics in {synthesis['seconds']:.2f} s" if synthesis else ""))
+          + (f", synthesised from the sources' BatchNorm statistics in {synthesis['seconds']:.2f} s" if synthesis else "")
+          + (f", {distributed.world_size()} processes" if distributed.active() else ""))
     print(f"wrote    {args.out}" + (f" and {args.report}" if args.report else "") + (f" and {args.plot}" if args.plot else ""))
     print(f"seconds  {time.perf_counter() - start:.2f} (merge {result.report.get('seconds', {}).get('total', 0):.2f})")
     return 0
@@ -304,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(Llama, Mistral, Qwen2), by a rotation (default permutation)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
     p.add_argument("--batch-size", type=_positive_int, default=256, help="calibration batch size (default 256)")
+    p.add_argument("--nproc", type=_positive_int, default=1,
+                   help="processes that share the statistics (torch.distributed, gloo on this machine); each "
+                        "passes its own run of whole calibration batches (default 1)")
     p.add_argument("--out", required=True, help="where to write the merged model (.safetensors; a new directory for "
                    "Hugging Face models)")
     p.add_argument("--report", help="also write the JSON report (sizes, widths, timings) here")
@@ -311,6 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-metric", choices=METRICS, default="params",
                    help="what the budget counts: dense parameters, Linear/Conv multiply-adds, or either without the "
                    "zero blocks (effective_params, effective_flops: the paper's count; range [1, 2]) (default params)")
+    p.add_argument("--max-memory", type=_memory, default=None,
+                   help="most resident memory the merge may reach, e.g. 6GB (binary units); the merge's peak is "
+                   "estimated first and a merge that would not fit fails at once, writing nothing (default: the "
+                   "machine's available memory)")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser(

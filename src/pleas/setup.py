@@ -13,7 +13,8 @@ from torch import nn
 from .budget import METRICS, SizeModel
 from .calibration import Calibration, PerModel
 from .capture import Program, as_call, capture
-from .errors import MergeInputError
+from . import distributed
+from .errors import MergeInputError, PleasError
 from .groups import ModelGraph, PermutationSpec, analyze
 from .rewrite.constraints import width_ties
 from .rewrite.maps import GroupMap, ensemble_map
@@ -45,6 +46,13 @@ class MergeSetup:
     #: groups aligned by a rotation before the merge (their matching is then the identity): name -> what
     #: the report says of it
     aligned: dict[str, dict] = field(default_factory=dict)
+    #: calibration batches over every rank of a process group (:mod:`pleas.distributed`); this rank's alone
+    total_batches: int = 0
+    #: bytes one layer's refit solve may use (from ``max_memory``; None: no bound), :mod:`pleas.memory`
+    max_solve_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        self.total_batches = self.total_batches or len(self.batches)
 
     def batches_of(self, i: int) -> list:
         """Model i's own calibration batches (all of them when the data is shared)."""
@@ -180,10 +188,26 @@ def _model_dtype(model: nn.Module) -> torch.dtype | None:
     return dtypes.pop() if len(dtypes) == 1 else None
 
 
-def prepare(models: list[nn.Module], data: Any, *, budget: float, heads: str, matching: str, seed: int,
-            device: str | torch.device, dtype: torch.dtype | None, batch_size: int, norm_stats: str,
-            progress: bool, budget_metric: str = "params", labels: list[str] | None = None) -> MergeSetup:
-    """Validate the inputs once, copy and capture the models (each exactly once), and return the setup."""
+def prepare(models: list[nn.Module], data: Any, **options) -> MergeSetup:
+    """Validate the inputs once, copy and capture the models (each exactly once), and return the setup
+    (options: those of :func:`_prepare`). In a process group (:mod:`pleas.distributed`), every rank fails
+    when any does, when any rank's calibration shard is empty, or when the ranks' models differ; the
+    setup then counts the batches of every rank (``total_batches``)."""
+    setup, error = None, None
+    try:
+        setup = _prepare(models, data, **options)
+    except PleasError as exc:
+        error = exc
+    distributed.raise_if_any(error)
+    distributed.check_shards(setup.data.samples())
+    distributed.same_everywhere(distributed.fingerprint([m.state_dict() for m in setup.models]), "the models")
+    setup.total_batches = distributed.offset_and_total(len(setup.batches))[1]
+    return setup
+
+
+def _prepare(models: list[nn.Module], data: Any, *, budget: float, heads: str, matching: str, seed: int,
+             device: str | torch.device, dtype: torch.dtype | None, batch_size: int, norm_stats: str,
+             progress: bool, budget_metric: str = "params", labels: list[str] | None = None) -> MergeSetup:
     labels = labels or [f"model_{chr(ord('a') + i)}" for i in range(len(models))]
     if budget_metric not in METRICS:
         raise MergeInputError(f"budget_metric={budget_metric!r}; allowed: {METRICS}")
@@ -271,7 +295,7 @@ def align_stream(setup: MergeSetup) -> None:
     group = stream_group(setup.spec, setup.models[0])
     states = [dict(m.state_dict()) for m in setup.models]
     readers = norm_readers(setup.graph, group, states[0])
-    observer = MomentsObserver([group], 2, max(32 * 2 * group.width // max(len(setup.batches), 1), 1024),
+    observer = MomentsObserver([group], 2, max(32 * 2 * group.width // max(setup.total_batches, 1), 1024),
                                setup.seed, cross=True)
     source_pass(setup.programs, setup.batches, [observer], progress=setup.progress, desc="residual stream")
     stat = observer.moments[group.name]

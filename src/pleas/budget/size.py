@@ -59,10 +59,18 @@ def zero_block_count(spec: PermutationSpec, state_dict: dict[str, torch.Tensor],
                               side="out").double()
         own_in = unit_owners([(g, m) for g, m in members if m.axis == in_axis], shape[in_axis], maps, n_models,
                              side="in").double()
-        shared = (own_out.T @ own_in) > 0  # (m_out, m_in): some model owns both
         rest = math.prod(shape) // (shape[out_axis] * shape[in_axis])
-        zeros[key] = int((~shared).sum()) * rest // (spec.views[key][1] if key in spec.views else 1)
+        zeros[key] = _unshared(own_out, own_in) * rest // (spec.views[key][1] if key in spec.views else 1)
     return zeros
+
+
+def _unshared(own_out: torch.Tensor, own_in: torch.Tensor) -> int:
+    """Pairs (output unit i, input unit j) that no model owns both of, for owner masks (n, m_out) and
+    (n, m_in): counted over the few distinct ownership patterns, never as an (m_out, m_in) matrix."""
+    rows, row_counts = torch.unique(own_out.T, dim=0, return_counts=True)
+    cols, col_counts = torch.unique(own_in.T, dim=0, return_counts=True)
+    apart = (rows @ cols.T) == 0  # (patterns, patterns): no model owns both
+    return int((row_counts.double()[:, None] * col_counts.double()[None, :])[apart].sum())
 
 
 class SizeModel:

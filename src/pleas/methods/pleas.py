@@ -50,6 +50,9 @@ class PLeaS(Method):
         Option("min_rows", int, 4096, "least samples kept per layer", low=1),
         Option("adam_steps", int, 300, "Adam steps with refit='adam'", low=1),
         Option("adam_lr", float, 1e-3, "Adam learning rate with refit='adam'", low=0.0, low_open=True),
+        Option("solver", str, "auto", "how each layer's least squares is solved: 'auto' (a float64 Gram where "
+               "it fits max_memory, else the dual form on the rows when fewer rows than columns, else a float32 "
+               "Gram), or force 'dense', 'rows' or 'float32'", choices=("auto", "dense", "rows", "float32")),
         Option("fold_bn", bool, False, "fold BatchNorm into the map before it, so the refit fits normalised "
                "pre-activations (no statistics reset then)"),
     )
@@ -59,7 +62,7 @@ class PLeaS(Method):
         return RefitOptions(ridge=o["ridge"], mask=o["mask"], oversample=o["oversample"], min_rows=o["min_rows"],
                             method=o["refit"], inputs=o["inputs"], adam_steps=o["adam_steps"], adam_lr=o["adam_lr"],
                             seed=setup.seed, reset_norms=reset and not o["fold_bn"],
-                            progress=setup.progress)
+                            progress=setup.progress, solver=o["solver"], max_solve_bytes=setup.max_solve_bytes)
 
     def run(self, setup):
         if not self.opts["mask"] and setup.effective_budget and setup.budget != 1.0:

@@ -19,8 +19,9 @@ from collections import Counter
 
 import torch
 
+from .. import distributed
 from ..matching import Matching
-from ..refit.layers import row_limit
+from ..refit.layers import row_limit, working_dtype
 from ..refit.solve import LayerStats
 from ..statistics import source_pass
 from . import stages
@@ -39,10 +40,11 @@ class GramObserver:
         self.columns = {layer.weight: layer.columns(params) - (layer.bias is not None) for layer in layers}
         self.stats: dict[str, LayerStats] = {}
         self.limits = {w: row_limit(p, 4, 4096, n_batches) for w, p in self.columns.items()}
-        self.gen = torch.Generator().manual_seed(seed)
+        self.seed = seed
 
-    def update(self, taps: list[dict]) -> None:
+    def update(self, taps: list[dict], index: int = 0) -> None:
         t = taps[0]
+        gen = distributed.batch_generator(self.seed, index)
         for layer in self.layers:
             x = t[layer.in_node]
             p = self.columns[layer.weight]
@@ -51,10 +53,15 @@ class GramObserver:
                 k = p if index is None else len(index)
                 self.stats[layer.weight] = LayerStats(torch.zeros(k, k, dtype=torch.float64),
                                                       torch.zeros(k, 0, dtype=torch.float64), index=index, columns=p)
-            pick = layer.pick(tuple(t[layer.out_node].shape), self.limits[layer.weight], self.gen)
-            rows = layer.input_rows(x, pick).float()
+            pick = layer.pick(tuple(t[layer.out_node].shape), self.limits[layer.weight], gen)
+            rows = working_dtype(layer.input_rows(x, pick))
             blocks = layer.row_blocks(tuple(x.unsqueeze(2).shape if x.dim() == 3 else x.shape), pick, False)
             self.stats[layer.weight].update(rows, rows.new_zeros(len(rows), 0), blocks)
+
+    def reduce(self) -> None:
+        """Sum the Grams over the ranks of a process group (:mod:`pleas.distributed`)."""
+        for weight in sorted(self.stats):
+            self.stats[weight].reduce()
 
     def gram(self, weight: str) -> torch.Tensor:
         """G over every column of the layer (columns no sample reached: zero)."""
@@ -101,7 +108,8 @@ class RegMean(Method):
         sources = setup.state_dicts
         grams = []
         for i, program in enumerate(setup.programs):
-            observer = GramObserver(layers, sources[i], len(setup.batches_of(i)), setup.seed + i)
+            observer = GramObserver(layers, sources[i], distributed.offset_and_total(len(setup.batches_of(i)))[1],
+                                    setup.seed + i)
             source_pass([program], setup.batches_of(i), [observer], progress=setup.progress,
                         desc=f"RegMean Grams of model {i}")
             grams.append(observer)

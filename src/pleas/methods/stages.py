@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .. import distributed
 from ..budget import (allocate_by_loss, allocate_merge_counts, merge_loss_tables, merged_widths, prefix_merge_counts,
                       uniform_merge_counts, zero_block_count)
 from ..capture import capture
@@ -43,7 +44,7 @@ def source_statistics(setup: MergeSetup, *, moments: str | None, observers: tupl
     activation matching reads of two models) or None; ``observers`` ride along (the refit's targets)."""
     observer = None
     if moments is not None:
-        observer = moments_observer(setup.spec, setup.n, len(setup.batches), setup.seed,
+        observer = moments_observer(setup.spec, setup.n, setup.total_batches, setup.seed,
                                     cross=moments == "cross" and setup.n == 2)
     watching = ([observer] if observer else []) + list(observers)
     if watching:
@@ -212,7 +213,7 @@ def build(setup: MergeSetup, maps: dict[str, GroupMap], state_dicts: list[dict] 
     state = transform_state_dicts(spec, state_dicts or setup.state_dicts, full, target=target)
     for problem in fold_tied_output_scales(setup.graph, spec, target, full, setup.n, state):
         warnings.warn(f"pleas: {problem}", stacklevel=3)
-    return Built(build_model(setup.models[0], state).eval(), target, full, _skeleton=skeleton)
+    return Built(build_model(setup.models[0], state, take=True).eval(), target, full, _skeleton=skeleton)
 
 
 def finished(setup: MergeSetup, built: Built) -> nn.Module:
@@ -229,7 +230,7 @@ def finished(setup: MergeSetup, built: Built) -> nn.Module:
 def target_sampler(setup: MergeSetup, options: RefitOptions) -> TargetSampler:
     """A sampler of the propagated refit's targets made before the merged model exists, so that it rides
     along on the matching's pass over the sources."""
-    return TargetSampler.for_budget(setup.graph, setup.budget, options, len(setup.batches))
+    return TargetSampler.for_budget(setup.graph, setup.budget, options, setup.total_batches)
 
 
 def refit(setup: MergeSetup, built: Built, options: RefitOptions, sampler: TargetSampler | None = None) -> list[dict]:
@@ -250,7 +251,7 @@ def norm_observer(setup: MergeSetup, *, refitted: bool = False) -> NormObserver 
     method (None when there is nothing to decide): give it to the method's pass over the sources."""
     if setup.norm_stats != "auto" or not setup.graph.norms or not refitted:
         return None
-    return NormObserver(setup.graph.norms)
+    return NormObserver(setup.graph.norms, setup.seed)
 
 
 def norm_decision(setup: MergeSetup, observer: NormObserver | None = None, *, refitted: bool = False) -> dict:
@@ -269,7 +270,7 @@ def norm_decision(setup: MergeSetup, observer: NormObserver | None = None, *, re
         return {"norm_stats": "data", "norm_stats_reason": "no refit: merged units follow neither source's stored "
                                                            "statistics, so they are recomputed on the data"}
     if observer is None or not observer.sums:
-        observer = NormObserver(setup.graph.norms)
+        observer = NormObserver(setup.graph.norms, setup.seed)
         source_pass(setup.programs, setup.batches, [observer], progress=setup.progress, desc="norm statistics")
     found = agreement(observer, setup.state_dicts)
     if found.agrees:
@@ -299,24 +300,36 @@ def group_sensitivity(setup: MergeSetup, matching: Matching, *, max_batches: int
     """Measured weight of each group for the greedy allocation: with every other group kept apart (the
     exact ensemble), merge all of group g's pairs and measure the relative squared change of the model's
     outputs on a few calibration batches, spread over g's pairs by their dissimilarity:
-    w_g = change_g / sum_i (1 - s_g,i). One model build and forward per group."""
-    batches = setup.batches[:max_batches]
+    w_g = change_g / sum_i (1 - s_g,i). One model build and forward per group. The batches are the first
+    ``max_batches`` of the data over every rank of a process group (a rank without any of them computes
+    on its own first batch with weight 0, so that every rank takes part in the same reductions)."""
+    offset, _ = distributed.offset_and_total(len(setup.batches))
+    batches = setup.batches[: max(max_batches - offset, 0)]
+    weight = 1.0 if batches else 0.0
+    batches = batches or setup.batches[:1]
     apart = ensemble_maps(setup)
 
     def outputs(maps):
         model = build(setup, maps).model
         with torch.no_grad():
             outs = [model(x) for x in batches]
-        return torch.cat([torch.cat(o, -1) if isinstance(o, tuple) else o for o in outs]).double()
+        out = torch.cat([torch.cat(o, -1) if isinstance(o, tuple) else o for o in outs]).double()
+        return out.reshape(len(out), -1)
 
     reference = outputs(apart)
-    scale = float((reference - reference.mean(0)).pow(2).mean()) or 1.0
+    sums = torch.cat([reference.sum(0), reference.pow(2).sum()[None], torch.tensor([float(len(reference))],
+                                                                                   dtype=torch.float64)]) * weight
+    distributed.all_sum(sums)
+    n = float(sums[-1])
+    scale = float(sums[-2] - sums[:-2].pow(2).sum() / n) / (n * reference.shape[1]) or 1.0
+    changes = torch.tensor([float((outputs({**apart, g.name: partial_merge_map(matching.perms[g.name],
+                                                                               matching.similarity[g.name], g.width)})
+                                   - reference).pow(2).sum()) * weight for g in setup.spec], dtype=torch.float64)
+    distributed.all_sum(changes)
     weights = {}
-    for g in setup.spec:
-        perm, sim = matching.perms[g.name], matching.similarity[g.name]
-        change = float((outputs({**apart, g.name: partial_merge_map(perm, sim, g.width)}) - reference).pow(2).mean())
-        total = float((1 - sim.double().clamp(-1, 1)).sum()) or 1.0
-        weights[g.name] = change / scale / total
+    for g, change in zip(setup.spec, changes.tolist()):
+        total = float((1 - matching.similarity[g.name].double().clamp(-1, 1)).sum()) or 1.0
+        weights[g.name] = change / (n * reference.shape[1]) / scale / total
     return weights
 
 

@@ -13,30 +13,78 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import distributed
+
 
 class NormObserver:
-    """Per-channel count, sum and sum of squares of every norm's input in every source model (float64),
-    an observer of :func:`pleas.statistics.source_pass`."""
+    """Per-channel count, mean and sum of squared deviations of every norm's input in every source model,
+    an observer of :func:`pleas.statistics.source_pass`.
 
-    def __init__(self, norms: list):
+    Each batch's moments are taken in the activations' own dtype (two passes over the batch, so no
+    cancellation) and merged into float64 running moments with Chan et al.'s pairwise update: about
+    twice as fast as float64 sums of x and x^2, and the statistic only decides between two sources of
+    norm statistics with thresholds far coarser than float32's round-off (:attr:`Agreement.LIMITS`).
+    For the same reason each batch contributes a seeded random subset of at most :attr:`PER_BATCH` of its
+    samples (the same ones in every model): the agreement is a median over all channels, and a few
+    hundred samples per channel pin it down far below its limits."""
+
+    PER_BATCH = 64
+
+    def __init__(self, norms: list, seed: int = 0):
         self.norms = norms
         self.nodes = sorted({norm.in_node for norm in norms})
         self.sums: dict[tuple[int, str], list] = {}
+        self.seed = seed
 
-    def update(self, taps: list[dict]) -> None:
+    def update(self, taps: list[dict], index: int = 0) -> None:
+        some = next((t[norm.in_node] for t in taps for norm in self.norms if norm.dim != 0), None)
+        keep = None
+        if some is not None and some.shape[0] > self.PER_BATCH:
+            keep = torch.randperm(some.shape[0], generator=distributed.batch_generator(self.seed, index))[: self.PER_BATCH]
+            keep = keep.sort().values
         for k, t in enumerate(taps):
             for norm in self.norms:
                 x = t[norm.in_node]
-                dims = [d for d in range(x.dim()) if d != norm.dim]
-                entry = self.sums.setdefault((k, norm.name), [0, 0.0, 0.0])
-                entry[0] += x.numel() // x.shape[norm.dim]
-                entry[1] = entry[1] + x.double().sum(dims)
-                entry[2] = entry[2] + torch.square(x.double()).sum(dims)
+                if keep is not None and norm.dim != 0 and x.shape[0] == some.shape[0]:
+                    x = x.index_select(0, keep)
+                n = x.numel() // x.shape[norm.dim]
+                var, mean = _batch_moments(x, norm.dim)
+                mean, m2 = mean.double(), var.double() * n
+                entry = self.sums.get((k, norm.name))
+                if entry is None:
+                    self.sums[(k, norm.name)] = [n, mean, m2]
+                    continue
+                count, run_mean, run_m2 = entry
+                delta = mean - run_mean
+                total = count + n
+                entry[:] = [total, run_mean + delta * (n / total), run_m2 + m2 + delta * delta * (count * n / total)]
+
+    def reduce(self) -> None:
+        """Add up the ranks' moments (as sums of x and x^2 about the mean, in float64)."""
+        if not distributed.active():
+            return
+        for key in sorted(self.sums):
+            count, mean, m2 = self.sums[key]
+            packed = torch.cat([torch.tensor([float(count)], dtype=torch.float64), count * mean, m2 + count * mean * mean])
+            distributed.all_sum(packed)
+            total, s1, s2 = packed[0], packed[1 : 1 + len(mean)], packed[1 + len(mean) :]
+            mean = s1 / total
+            self.sums[key] = [int(total), mean, (s2 - total * mean * mean).clamp_min(0)]
 
     def moments(self, k: int, norm) -> tuple[torch.Tensor, torch.Tensor, int]:
-        count, total, sq = self.sums[(k, norm.name)]
-        mean = total / count
-        return mean, (sq / count - mean * mean).clamp_min(0), count
+        count, mean, m2 = self.sums[(k, norm.name)]
+        return mean, (m2 / count).clamp_min(0), count
+
+
+def _batch_moments(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (variance, mean) of ``x`` over every axis but ``dim``. Channels on axis 1 use
+    batch norm's own statistics kernel (about three times faster than ``var_mean`` over axes (0, 2, 3)
+    on CPU); its inverse standard deviation with eps 0 gives the variance (the kernel returns 0 for a
+    constant channel: variance 0)."""
+    if dim == 1 and x.dim() >= 2 and x.is_floating_point():
+        _, mean, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, 0.0)
+        return torch.where(invstd > 0, invstd.pow(-2), 0.0), mean
+    return torch.var_mean(x, [d for d in range(x.dim()) if d != dim], correction=0)
 
 
 @dataclass

@@ -8,6 +8,7 @@ import warnings
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..capture import Program, Walk, fitting_batches
 
 
@@ -25,13 +26,18 @@ def set_norm_statistics(norm, xs: list[torch.Tensor], params: dict) -> None:
     shape = [-1 if d == norm.dim else 1 for d in range(xs[0].dim())]
     # Sums of x - shift in float32 per batch (the shift, a rough per-channel mean, removes the
     # cancellation of E[x^2] - E[x]^2), added in float64: several times faster than var_mean.
-    shift = xs[0].mean(dims).reshape(shape)
+    shift = xs[0].mean(dims).double()
+    distributed.all_sum(shift)  # one shift for every rank of a process group, so their sums add up
+    shift = (shift / distributed.world_size()).to(xs[0].dtype).reshape(shape)
     count, total, sq = 0, 0.0, 0.0
     for x in xs:
         d = x - shift
         total = total + d.sum(dims).double()
         sq = sq + torch.square(d).sum(dims).double()
         count += x.numel() // x.shape[norm.dim]
+    total, sq = total.clone(), sq.clone()
+    count = int(distributed.sum_numbers(count)[0])
+    distributed.all_sum(total, sq)
     if count < 2:
         return
     mean = total / count + shift.flatten().double()

@@ -34,15 +34,15 @@ class LinearMap:
     kind = "dense"
 
     # --- the weight as a matrix ------------------------------------------------------------------
-    def matrix(self, params: dict) -> torch.Tensor:
-        """(m_out, P) float64: the weight as rows of output units (a conv's input channels x taps per
-        row), the bias (if any) as the last column."""
-        w = params[self.weight].detach().double()
+    def matrix(self, params: dict, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """(m_out, P) in ``dtype`` (float64 by default): the weight as rows of output units (a conv's input
+        channels x taps per row), the bias (if any) as the last column."""
+        w = params[self.weight].detach().to(dtype)
         w = w.T if self.transposed else w
         w = w.reshape(w.shape[0], -1)
         if self.bias is None:
             return w
-        return torch.cat([w, params[self.bias].detach().double()[:, None]], 1)
+        return torch.cat([w, params[self.bias].detach().to(dtype)[:, None]], 1)
 
     def set_matrix(self, params: dict, w: torch.Tensor) -> None:
         """Write the (m_out, P) matrix ``w`` back into the weight and bias tensors, in place."""

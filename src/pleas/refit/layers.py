@@ -44,21 +44,27 @@ class RefitLayer:
 
     def targets(self, rows: list[torch.Tensor], maps: dict[str, GroupMap]) -> torch.Tensor:
         """Y~ from each source's output rows (samples, units): the permuted ensemble's outputs, in the
-        merged layout (docs/algorithm.md section 4), float32."""
+        merged layout (docs/algorithm.md section 4), float32 (float64 for float64 models)."""
         return _combine(rows, -1, self.out, maps)
 
     def inputs(self, rows: list[torch.Tensor], dim: int, maps: dict[str, GroupMap]) -> torch.Tensor:
-        """X~ from each source's input rows, whose dimension ``dim`` holds the input units, float32."""
+        """X~ from each source's input rows, whose dimension ``dim`` holds the input units (float32 or float64)."""
         return _combine(rows, dim, self.inn, maps)
+
+
+def working_dtype(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in the refit's working precision: float64 stays float64 (a float64 merge keeps every product
+    in float64), anything else becomes float32."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 def _combine(rows: list[torch.Tensor], dim: int, items: list, maps: dict[str, GroupMap]) -> torch.Tensor:
     items = [it for it in items if it[0].name in maps]
     n = len(rows)
     if not items:
-        return sum(r.float() for r in rows) / n
+        return sum(working_dtype(r) for r in rows) / n
     dim = dim % rows[0].dim()
-    return sum(rewrite_axis(r.float(), dim, items, k, n, maps, role="out") for k, r in enumerate(rows))
+    return sum(rewrite_axis(working_dtype(r), dim, items, k, n, maps, role="out") for k, r in enumerate(rows))
 
 
 def _on_axis(spec: PermutationSpec, weight: str, axis: int) -> dict[tuple[str, int], tuple]:

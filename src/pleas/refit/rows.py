@@ -1,10 +1,11 @@
-"""Design rows and targets of one layer: X~ (samples, P) and Y~ (samples, m_out), float32."""
+"""Design rows and targets of one layer: X~ (samples, P) and Y~ (samples, m_out), float32 (float64 for
+float64 models, so that a float64 merge runs every product in float64)."""
 from __future__ import annotations
 
 import torch
 
 from ..rewrite.maps import GroupMap
-from .layers import RefitLayer
+from .layers import RefitLayer, working_dtype
 
 
 def _with_bias(x: torch.Tensor, bias: bool) -> torch.Tensor:
@@ -33,7 +34,7 @@ def teacher_rows(layer: RefitLayer, xs: list, ys: list, maps: dict[str, GroupMap
     else:
         blocks = None
         x = layer.inputs([src.input_rows(t, pick) for t in xs], -1, maps)
-    return _with_bias(x.float(), bias), y, blocks
+    return _with_bias(working_dtype(x), bias), y, blocks
 
 
 def merged_rows(layer: RefitLayer, xs: list, picks: list, y: torch.Tensor):
@@ -45,7 +46,7 @@ def merged_rows(layer: RefitLayer, xs: list, picks: list, y: torch.Tensor):
     m = layer.merged
     bias = m.bias is not None
     if m.kind != "conv":
-        x = torch.cat([m.input_rows(x, pick) for x, pick in zip(xs, picks)]).float()
+        x = working_dtype(torch.cat([m.input_rows(x, pick) for x, pick in zip(xs, picks)]))
         return _with_bias(x, bias), y, None, None
     xs = [x.unsqueeze(2) if x.dim() == 3 else x for x in xs]  # Conv1d as a Conv2d of height 1
     c = xs[0].shape[1]
@@ -60,11 +61,11 @@ def merged_rows(layer: RefitLayer, xs: list, picks: list, y: torch.Tensor):
         edges = [0, *torch.tensor([len(rows) for rows, _ in blocks]).cumsum(0).tolist()]
         blocks = [(slice(lo, hi), cols) for lo, hi, (_, cols) in zip(edges[:-1], edges[1:], blocks)]
     p = c * m.kernel[0] * m.kernel[1]
-    out = torch.empty(len(joined[0]), p + int(bias), dtype=torch.float32)
+    out = torch.empty(len(joined[0]), p + int(bias), dtype=working_dtype(xs[0][:0]).dtype)
     patches = out[:, :p].unflatten(1, (c, *m.kernel))
     at = 0
     for x, pick in zip(xs, picks):
-        rows = m.patches(x.float(), pick)
+        rows = m.patches(working_dtype(x), pick)
         if dest is None:
             patches[at : at + len(rows)] = rows
         else:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import distributed
 from ..statistics.gram import gram, quadratic_trace
 
 #: Products x^T x with fewer multiply-adds than this run in float64 (the rest in float32).
@@ -46,6 +47,10 @@ class RefitOptions:
     seed: int = 0
     max_gram_bytes: int = 4 << 30
     max_frontier_bytes: int = 4 << 30
+    #: bytes one layer's solve may use (None: no bound): decides each layer's solver (:mod:`.rows_solve`)
+    max_solve_bytes: int | None = None
+    #: "auto" (by ``max_solve_bytes``), or force "dense" (float64 Gram), "rows" (dual form) or "float32"
+    solver: str = "auto"
     reset_norms: bool = True  # set the norms' statistics on the merged model's own activations
     progress: bool = True
 
@@ -95,10 +100,21 @@ class LayerStats:
         vanish against them: an interpolating, wildly extrapolating fit)."""
         return float(self.gram.diagonal().sum()) / max(min(self.columns, self.count), 1)
 
-    def minus(self, other: "LayerStats") -> "LayerStats":
-        """The sums of this layer's rows that are not in ``other`` (a subset of them)."""
-        return LayerStats(self.gram - other.gram, self.cross - other.cross, self.target_sq - other.target_sq,
-                          self.count - other.count, self.index, self.columns)
+    def reduce(self) -> None:
+        """Sum over the ranks of a process group, in place (:mod:`pleas.distributed`)."""
+        if not distributed.active():
+            return
+        numbers = torch.tensor([self.target_sq, self.count, self.initial_sq], dtype=torch.float64)
+        distributed.all_sum(self.gram, self.cross, numbers)
+        self.target_sq, self.count, self.initial_sq = float(numbers[0]), int(numbers[1]), float(numbers[2])
+
+    def absorb(self, other: "LayerStats") -> None:
+        """Add the sums of ``other`` (rows of the same layer, disjoint from these) to these, in place."""
+        self.gram += other.gram
+        self.cross += other.cross
+        self.target_sq += other.target_sq
+        self.count += other.count
+        self.initial_sq += other.initial_sq
 
     def update(self, x: torch.Tensor, y: torch.Tensor, blocks: list | None = None) -> None:
         """Add a batch of rows. Large products run in float32 (a few thousand rows each); the running
@@ -107,7 +123,7 @@ class LayerStats:
         see padding; rows as indices, or a slice when they come grouped by block); each block then adds
         its own smaller product. Without blocks, columns that are zero in every row (such as kernel
         taps that only ever read padding) are skipped: they add nothing to G or C."""
-        self.target_sq += float((y.double() ** 2).sum())
+        self.target_sq += float(torch.linalg.vector_norm(y, dtype=torch.float64)) ** 2  # no float64 copy of y
         self.count += x.shape[0]
         if blocks is None:
             self._add(x if self.index is None else x[:, self.index], y, None)
@@ -131,73 +147,111 @@ class LayerStats:
         if self.initial is not None:
             w0 = self.initial if self.index is None else self.initial[:, self.index]
             w0 = w0 if active is None else w0[:, active]
-            r = torch.addmm(y, x, w0.T.to(x.dtype), beta=-1).flatten()  # X W_0^T - Y
+            r = torch.addmm(y.to(x.dtype), x, w0.T.to(x.dtype), beta=-1).flatten()  # X W_0^T - Y
             self.initial_sq += float(torch.dot(r, r))
-        g, c = gram(x), (x.T @ y).double()
+        c = (x.T @ y.to(x.dtype)).double()
         if active is None:
-            self.gram += g
+            gram(x, out=self.gram)  # added in place: no (P, P) temporary
             self.cross += c
-        else:  # G[active, active] += g as row adds (a 2-D scatter with accumulation is far slower)
-            rows = g.new_zeros(len(active), self.gram.shape[1]).index_copy_(1, active, g)
-            self.gram.index_add_(0, active, rows)
+        else:  # G[active, active] += g as one add at flat positions (2.5x faster than row adds or index_put_)
+            g = gram(x).to(self.gram.dtype)
+            flat = (active[:, None] * self.gram.shape[1] + active).view(-1)
+            self.gram.view(-1).index_add_(0, flat, g.view(-1))
             self.cross.index_add_(0, active, c)
 
     def initial_error(self) -> float:
         """||X W_0^T - Y||^2 / ||Y||^2 for the ``initial`` weight, summed over the updates."""
         return self.initial_sq / max(self.target_sq, 1e-30)
 
+    def errors(self):
+        """A function of a flattened weight w (m_out, P) giving ||X W^T - Y||^2 / ||Y||^2 from the sums
+        alone, with the blocks of G and C over the columns the data reached gathered once (for many
+        weights, as in a ridge grid). Unseen columns add nothing."""
+        seen = (self.gram.diagonal() > 0).nonzero().squeeze(1)
+        g, c, cols = self.gram, self.cross, None
+        if len(seen) < len(g):
+            g, c = g[seen[:, None], seen], c[seen]
+        if self.index is not None or len(seen) < len(self.gram):
+            cols = seen if self.index is None else self.index[seen]
+
+        def error(w: torch.Tensor) -> float:
+            w = w if cols is None else w[:, cols]
+            quad = quadratic_trace(w.to(g.dtype), g).double() - 2 * (w * c.T).sum() + self.target_sq
+            return float(quad.clamp_min(0)) / max(self.target_sq, 1e-30)
+
+        return error
+
     def error(self, w: torch.Tensor) -> float:
         """||X W^T - Y||^2 / ||Y||^2 for a flattened weight w (m_out, P), from the sums alone."""
-        if self.index is not None:
-            w = w[:, self.index]
-        seen = (self.gram.diagonal() > 0).nonzero().squeeze(1)  # unseen columns add nothing
-        g, c = self.gram, self.cross
-        if len(seen) < len(g):
-            w, g, c = w[:, seen], g[seen[:, None], seen], c[seen]
-        quad = quadratic_trace(w, g) - 2 * (w * c.T).sum() + self.target_sq
-        return float(quad.clamp_min(0)) / max(self.target_sq, 1e-30)
+        return self.errors()(w)
 
 
-
-#: Ridge strengths tried for a layer with fewer samples than ``oversample`` x its columns, as multiples
+#: Ridge strengths tried for a layer with fewer samples than columns (:data:`pleas.refit.propagated.HELD_OUT_BELOW`), as multiples
 #: of the asked ``ridge``: the one with the least error on held-out calibration rows is used.
 RIDGE_GRID = (1.0, 10.0, 100.0, 1e3, 1e4)
+
+
+class MaskedProblem:
+    """One layer's ridge problem under the zero-block constraint, ready to solve at any strength: the
+    output rows grouped by the models that own them (a row pattern), each with the input columns it may
+    read that the data reached, and those columns' blocks of G and C gathered once (a ridge grid then
+    gathers nothing again)."""
+
+    def __init__(self, st: LayerStats, w0: torch.Tensor, own_out: torch.Tensor, own_in: torch.Tensor,
+                 opt: RefitOptions):
+        m_out, p = w0.shape
+        self.st, self.w0, self.opt = st, w0, opt
+        seen = st.seen()
+        keys = {} if opt.mask else {None: list(range(m_out))}
+        if opt.mask:
+            for i, key in enumerate(map(tuple, own_out.T.tolist())):
+                keys.setdefault(key, []).append(i)
+        self.start = w0  # W_0 with the zero blocks zeroed: a copy once there are any
+        self.patterns = []
+        for key, rows in keys.items():
+            rows = torch.as_tensor(rows)
+            allowed = torch.ones(p, dtype=torch.bool) if key is None else (torch.tensor(key)[:, None] & own_in).any(0)
+            zero = (~allowed).nonzero().squeeze(1)
+            if len(zero):
+                self.start = w0.clone() if self.start is w0 else self.start
+                self.start[rows[:, None], zero] = 0.0
+            # Columns the data never reaches keep their initial weight: for them the ridge solution is W_0.
+            cols = (allowed & seen).nonzero().squeeze(1)
+            if len(cols):
+                local = st.local(cols)
+                every_col = len(cols) == st.gram.shape[0]  # then ``local`` is 0 ... P-1 in order
+                g = st.gram if every_col else st.gram[local[:, None], local]
+                if len(rows) == m_out and len(cols) == p:  # one pattern over the whole weight: no gathers
+                    rows = cols = None
+                    self.patterns.append((rows, cols, g, st.cross, w0))
+                    continue
+                c = st.cross[:, rows] if every_col else st.cross[local[:, None], rows]
+                self.patterns.append((rows, cols, g, c, w0[rows[:, None], cols]))
+
+    def solve(self, lam: float) -> tuple[torch.Tensor, float]:
+        """The ridge solution W (m_out, P) at strength ``lam``, and (exact solves) ||X W^T - Y||^2 over
+        the rows of the sums."""
+        exact = self.opt.method != "adam"
+        whole = len(self.patterns) == 1 and self.patterns[0][0] is None
+        w, quad = None if whole else self.start.clone(), self.st.target_sq
+        for rows, cols, g, c, start in self.patterns:
+            sol = _adam(g, c, start, lam, self.opt) if not exact else _ridge_solve(g, c, start, lam)
+            if rows is None:
+                w = sol.contiguous()
+            else:
+                w[rows[:, None], cols] = sol
+            if exact:
+                # The solution satisfies W (G + lam I) = C^T + lam W0, so W G W^T needs no product with G:
+                # ||X W^T - Y||^2 = sum(lam (W0 - W) * W - W * C^T) + ||Y||^2 over the pattern.
+                quad += float((lam * (start - sol) * sol - sol * c.T).sum())
+        return w, quad
 
 
 def masked_solve(st: LayerStats, w0: torch.Tensor, own_out: torch.Tensor, own_in: torch.Tensor, lam: float,
                  opt: RefitOptions) -> tuple[torch.Tensor, float]:
     """The ridge solution W (m_out, P) at strength ``lam`` under the zero-block constraint, and (exact
-    solves) ||X W^T - Y||^2 over the rows of ``st``."""
-    m_out, p = w0.shape
-    seen = st.seen()
-    exact = opt.method != "adam"
-    if exact:
-        st.gram.diagonal().add_(lam)  # every row pattern solves with G_JJ + lam I; undone below
-    quad = st.target_sq
-    w = w0.clone()
-    patterns = {} if opt.mask else {None: torch.arange(m_out)}
-    if opt.mask:
-        for i, key in enumerate(map(tuple, own_out.T.tolist())):
-            patterns.setdefault(key, []).append(i)
-    try:
-        for key, rows in patterns.items():
-            rows = torch.as_tensor(rows)
-            allowed = torch.ones(p, dtype=torch.bool) if key is None else (torch.tensor(key)[:, None] & own_in).any(0)
-            w[rows[:, None], (~allowed).nonzero().squeeze(1)] = 0.0
-            # Columns the data never reaches keep their initial weight: for them the ridge solution is W_0.
-            cols = (allowed & seen).nonzero().squeeze(1)
-            if len(cols):
-                start = w0[rows[:, None], cols]
-                sol, c = _ridge_solve(st, rows, cols, start, lam, opt)
-                w[rows[:, None], cols] = sol
-                if exact:
-                    # The solution satisfies W (G + lam I) = C^T + lam W0, so W G W^T needs no product with G:
-                    # ||X W^T - Y||^2 = sum(lam (W0 - W) * W - W * C^T) + ||Y||^2 over the pattern.
-                    quad += float((lam * (start - sol) * sol - sol * c.T).sum())
-    finally:
-        if exact:
-            st.gram.diagonal().sub_(lam)
-    return w, quad
+    solves) ||X W^T - Y||^2 over the rows of ``st`` (:class:`MaskedProblem`)."""
+    return MaskedProblem(st, w0, own_out, own_in, opt).solve(lam)
 
 
 def solve_layer(layer, st: LayerStats, params: dict, own_out: torch.Tensor, own_in: torch.Tensor,
@@ -207,34 +261,40 @@ def solve_layer(layer, st: LayerStats, params: dict, own_out: torch.Tensor, own_
     ``layer`` is the merged model's :class:`~pleas.ops.LinearMap`; ``own_out`` (n, m_out) and ``own_in``
     (n, P) say which source models own each output row and input column (the zero-block constraint).
     The ridge is ``opt.ridge`` times the data's scale (:meth:`LayerStats.scale`). With ``held`` (the sums
-    of held-out rows, a subset of ``st``'s), the strength is chosen from :data:`RIDGE_GRID` by the error
-    of a fit without those rows on them, and a layer whose fit would be worse there than its partial-merge
-    weights keeps them. Returns the layer's report entry: samples, columns, the relative ridge used, fit errors before and
-    after, and on held-out rows."""
+    of held-out rows, disjoint from ``st``'s), the strength is chosen from :data:`RIDGE_GRID` by the error
+    on them of a fit to ``st``'s rows, the held-out rows are then added to ``st`` (in place) for the final
+    solve, and a layer whose fit would be worse there than its partial-merge weights keeps them. Returns
+    the layer's report entry: samples, columns, the relative ridge used, fit errors before and after, and
+    on held-out rows."""
     w0 = layer.matrix(params)
     m_out, p = w0.shape
-    before = st.initial_error() if st.initial is not None else st.error(w0)
-    entry = {"layer": layer.name, "rows": st.count, "columns": p}
+    entry = {"layer": layer.name, "columns": p}
     exact = opt.method != "adam"
     factor = 1.0
     if held is not None and held.count and exact and held.target_sq > 0:
-        fit = st.minus(held)
-        base = held.error(w0)
+        base = held.initial_error() if held.initial is not None else held.error(w0)
         best = (base, None)
         previous = None
+        problem, scale, errors = MaskedProblem(st, w0, own_out, own_in, opt), st.scale(), held.errors()
         for f in RIDGE_GRID:
-            w_fit, _ = masked_solve(fit, w0, own_out, own_in, opt.ridge * f * fit.scale(), opt)
-            e = held.error(w_fit)
+            w_fit, _ = problem.solve(opt.ridge * f * scale)
+            e = errors(w_fit)
             if e < best[0]:
                 best = (e, f)
             if previous is not None and e > previous:
                 break  # past the best strength: larger ones only move back toward W_0
             previous = e
+        del problem
+        st.absorb(held)
         entry.update(heldout_rows=held.count, heldout_before=base, heldout_after=best[0])
-        if best[1] is None:  # no strength beats the partial merge on rows it did not see
-            entry.update(error_before=before, error_after=before, ridge=None, kept="its fit was worse on held-out rows")
-            return entry
         factor = best[1]
+    elif held is not None:
+        st.absorb(held)
+    entry["rows"] = st.count
+    before = st.initial_error() if st.initial is not None else st.error(w0)
+    if factor is None:  # no strength beats the partial merge on rows it did not see
+        entry.update(error_before=before, error_after=before, ridge=None, kept="its fit was worse on held-out rows")
+        return entry
     lam = opt.ridge * factor * st.scale()
     w, quad = masked_solve(st, w0, own_out, own_in, lam, opt)
     after = max(quad, 0.0) / max(st.target_sq, 1e-30) if exact else st.error(w)
@@ -243,26 +303,36 @@ def solve_layer(layer, st: LayerStats, params: dict, own_out: torch.Tensor, own_
     return entry
 
 
-def _ridge_solve(st: LayerStats, rows, cols, start, lam: float, opt: RefitOptions):
-    """min_W ||X_J W^T - Y_rows||^2 + lam ||W - W0||^2 over the allowed columns J: (G_JJ + lam I) W^T =
-    C_J,rows + lam W0^T, with ``start`` = W0[rows, J]. Cholesky in float64, where ``st.gram`` already
-    holds the lam I; Adam on the same objective when ``opt.method == 'adam'``. Returns W[rows, J] and
-    C_J,rows."""
-    local = st.local(cols)
-    every_col = len(cols) == st.gram.shape[0]  # then ``local`` is 0 ... P-1 in order
-    g = st.gram if every_col else st.gram[local[:, None], local]
-    c = st.cross[:, rows] if every_col else st.cross[local[:, None], rows]
-    if opt.method == "adam":
-        return _adam(g, c, start, lam, opt), c
+def _ridge_solve(g: torch.Tensor, c: torch.Tensor, start: torch.Tensor, lam: float) -> torch.Tensor:
+    """min_W ||X_J W^T - Y_rows||^2 + lam ||W - W0||^2 over the allowed columns J, from G_JJ (``g``),
+    C_J,rows (``c``) and ``start`` = W0[rows, J]: (G_JJ + lam I) W^T = C_J,rows + lam W0^T, by Cholesky
+    (float32 for large J, float64 otherwise or when float32 fails), least squares if both fail. ``g`` is
+    left as it was. Returns W[rows, J]."""
     rhs = c + lam * start.T
-    if len(cols) >= FLOAT32_SOLVE:
-        chol, info = torch.linalg.cholesky_ex(g.float())
+    if g.dtype == torch.float32:  # a Gram summed in float32 (memory): factored in place of a copy
+        g.diagonal().add_(lam)
+        try:
+            chol, info = torch.linalg.cholesky_ex(g)
+            if int(info) == 0:
+                return torch.cholesky_solve(rhs.float(), chol).double().T
+            return torch.linalg.lstsq(g.double(), rhs).solution.T
+        finally:
+            g.diagonal().sub_(lam)
+    if len(g) >= FLOAT32_SOLVE:
+        g32 = g.float()
+        g32.diagonal().add_(lam)
+        chol, info = torch.linalg.cholesky_ex(g32)
+        del g32
         if int(info) == 0:
-            return torch.cholesky_solve(rhs.float(), chol).double().T, c
-    chol, info = torch.linalg.cholesky_ex(g)
-    if int(info) == 0:
-        return torch.cholesky_solve(rhs, chol).T, c
-    return torch.linalg.lstsq(g, rhs).solution.T, c
+            return torch.cholesky_solve(rhs.float(), chol).double().T
+    g.diagonal().add_(lam)
+    try:
+        chol, info = torch.linalg.cholesky_ex(g)
+        if int(info) == 0:
+            return torch.cholesky_solve(rhs, chol).T
+        return torch.linalg.lstsq(g, rhs).solution.T
+    finally:
+        g.diagonal().sub_(lam)
 
 
 def _adam(g, c, start, lam: float, opt: RefitOptions) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..capture import Program
 from ..rewrite.maps import GroupMap
 from .layers import RefitLayer, row_limit
@@ -33,16 +34,20 @@ def collect(sources: list[Program], layers: list[RefitLayer], maps: dict[str, Gr
     """Stream every layer's G and C on the permuted ensemble's inputs and outputs."""
     nodes = sorted({n for layer in layers for n in (layer.source.in_node, layer.source.out_node)})
     stats = {layer.name: empty_stats(layer, params) for layer in layers}
-    gen = torch.Generator().manual_seed(options.seed)
+    offset, total = distributed.offset_and_total(len(batches))
     with torch.no_grad():
-        for batch in tqdm(batches, desc="least-squares statistics", disable=not options.progress, leave=False):
+        for i, batch in enumerate(tqdm(batches, desc="least-squares statistics", disable=not options.progress,
+                                       leave=False)):
+            gen = distributed.batch_generator(options.seed, offset + i)
             taps = [program.run(batch, nodes)[1] for program in sources]
             for layer in layers:
                 st = stats[layer.name]
-                limit = row_limit(st.columns, options.oversample, options.min_rows, len(batches))
+                limit = row_limit(st.columns, options.oversample, options.min_rows, total)
                 x, y, blocks = teacher_rows(layer, [t[layer.source.in_node] for t in taps],
                                             [t[layer.source.out_node] for t in taps], maps, limit, gen)
                 st.update(x, y, blocks)
+    for name in sorted(stats):
+        stats[name].reduce()
     return stats
 
 

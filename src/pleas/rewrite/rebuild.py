@@ -15,13 +15,15 @@ from . import views
 from .layout import axis_length
 
 
-def build_model(template: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+def build_model(template: nn.Module, state_dict: dict[str, torch.Tensor], *, take: bool = False) -> nn.Module:
     """A copy of ``template`` holding ``state_dict``, with module size attributes updated to match.
 
     Every entry of the template's state dict must be present. Modules whose tensors change shape get
     their size attributes (``in_features``, ``out_channels``, ``num_features``, ``normalized_shape``,
     ...) updated by their type's resizer. Tied tensors stay tied. The template is not modified. A Hugging
-    Face model at other widths is its class built from a config with those widths (:mod:`.hf`).
+    Face model at other widths is its class built from a config with those widths (:mod:`.hf`). With
+    ``take``, contiguous tensors of ``state_dict`` are used as they are instead of copied (the caller
+    hands them over: no second copy of the merged model exists while it is built).
     """
     from . import hf
 
@@ -47,9 +49,9 @@ def build_model(template: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.
         if key in placed:
             new = placed[key]
         elif attr in module._parameters:
-            new = nn.Parameter(_own(tensor), requires_grad=old.requires_grad)
+            new = nn.Parameter(_own(tensor, take), requires_grad=old.requires_grad)
         else:
-            new = _own(tensor)
+            new = _own(tensor, take)
         placed[key] = new
         if attr in module._parameters:
             module._parameters[attr] = new
@@ -79,8 +81,11 @@ def _with_parents(model: nn.Module, resized: dict[str, nn.Module]) -> dict[str, 
     return dict(sorted(out.items(), key=lambda kv: -kv[0].count(".") - (kv[0] != "")))
 
 
-def _own(tensor: torch.Tensor) -> torch.Tensor:
-    """A private, contiguous copy (strided views from the transforms make convolutions slow)."""
+def _own(tensor: torch.Tensor, take: bool = False) -> torch.Tensor:
+    """A private, contiguous copy (strided views from the transforms make convolutions slow); with
+    ``take``, a contiguous tensor itself."""
+    if take and tensor.is_contiguous():
+        return tensor.detach()
     return tensor.detach().clone(memory_format=torch.contiguous_format)
 
 

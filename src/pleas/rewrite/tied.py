@@ -32,8 +32,10 @@ def tied_output_scales(spec: PermutationSpec, target: PermutationSpec, maps: dic
         if m.axis != axis or m.role != "out" or g.name not in maps or g.name not in tgt:
             continue
         gm = maps[g.name]
-        reads = (gm.unmerge != 0).sum(0).double()  # stacked units (so models, at most one each) reading unit j
-        averaged = gm.merge.sum(1)  # 1 where a new unit averages what it merges
+        _, j, _ = gm.entries("unmerge")
+        reads = torch.bincount(j, minlength=gm.width).double()  # stacked units (so models, at most one each) reading unit j
+        rows, _, values = gm.entries("merge")
+        averaged = torch.zeros(gm.width, dtype=torch.float64).index_add_(0, rows, values.double())  # 1 where a new unit averages
         index = next(tm for tm in tgt[g.name].members if tm.param == m.param and tm.axis == m.axis).index
         scale = torch.ones(int(index.max()) + 1, dtype=torch.float64)
         scale[index.reshape(-1)] = (reads / (n * averaged)).repeat_interleave(index.shape[1])

@@ -52,9 +52,9 @@ def transform_state_dicts(
             if n > 1 and g in spec.groups:
                 raise SpecError(f"no map for group {g.name!r}; merging {n} models needs one for every group")
             continue
-        if maps[g.name].merge.shape[1] != n * g.width:
+        if maps[g.name].shape[1] != n * g.width:
             raise SpecError(
-                f"map of group {g.name!r} acts on {maps[g.name].merge.shape[1]} stacked units; "
+                f"map of group {g.name!r} acts on {maps[g.name].shape[1]} stacked units; "
                 f"{n} models of width {g.width} give {n * g.width}"
             )
     if target is None:
@@ -94,15 +94,23 @@ def _exact_in_any_dtype(gm: GroupMap, n: int) -> bool:
     tensor's own dtype gives the float64 result rounded to it, bit for bit."""
     if n > 2:
         return False
-    for mat, along in ((gm.merge, 1), (gm.unmerge, 0)):
-        if not bool(((mat == 0) | (mat == 1) | (mat == 0.5)).all()):
+    for which, new_axis in (("merge", 0), ("unmerge", 1)):
+        entries = gm.entries(which)
+        v = entries[2]
+        if not bool(((v == 1) | (v == 0.5)).all()):
             return False
+        d = gm.shape[1] // n
+        new, old = entries[new_axis], entries[1 - new_axis]
         for k in range(n):
-            d = mat.shape[along] // n
-            block = mat.narrow(along, k * d, d)
-            if block.numel() and int((block != 0).sum(along).max()) > 1:
+            picked = new[(old >= k * d) & (old < (k + 1) * d)]
+            if len(picked) and int(torch.bincount(picked).max()) > 1:
                 return False
     return True
+
+
+#: Rewritten tensors larger than this are built in slices of their first rewritten axis, each slice summed
+#: over the models and written into the result: no model's whole rewritten copy, nor float64 copy, exists.
+CHUNK_BYTES = 64 << 20
 
 
 def _combine(tensors: list[torch.Tensor], pairs: list, maps: dict[str, GroupMap], exact: dict[str, bool], n: int):
@@ -117,15 +125,62 @@ def _combine(tensors: list[torch.Tensor], pairs: list, maps: dict[str, GroupMap]
     for g, m, t in pairs:
         by_axis.setdefault(m.axis, []).append((g, m, t))
     has_out = any(m.role == "out" for _, m, _ in pairs)
-    total = None
-    for k, t in enumerate(tensors):
-        t = t.to(work)
-        for axis, items in sorted(by_axis.items()):
-            t = rewrite_axis(t, axis, items, k, n, maps)
-        total = t if total is None else total + t
-    if not has_out:
-        total = total / n
-    return total.to(dtype)
+    axes = sorted(by_axis)
+    # one sparse matrix per (model, axis): small (about one entry per new index)
+    mats = [{a: axis_matrix(by_axis[a], t.shape[a], k, n, maps, _role(by_axis[a]), work) for a in axes}
+            for k, t in enumerate(tensors)]
+    shape = list(tensors[0].shape)
+    for a in axes:
+        shape[a] = mats[0][a].shape[0]
+    first = axes[0]
+    per_row = max(torch.Size(shape).numel() // max(shape[first], 1), 1) * torch.finfo(work).bits // 8
+    step = max(CHUNK_BYTES // per_row, 1)
+    out = torch.empty(shape, dtype=dtype)
+    for lo in range(0, shape[first], step):
+        hi = min(lo + step, shape[first])
+        total = None
+        for k, t in enumerate(tensors):
+            rows, used = _rows(mats[k][first], lo, hi)
+            if used is not None and not len(used):
+                continue  # this model writes nothing in these rows
+            source = t if used is None else t.index_select(first, used)
+            part = _apply(source.to(work), first, rows)
+            for a in axes[1:]:
+                part = _apply(part, a, mats[k][a])
+            total = part if total is None else total.add_(part)
+        if total is None:
+            total = torch.zeros(1, dtype=work)
+        elif not has_out:
+            total = total / n
+        out.narrow(first, lo, hi - lo).copy_(total)
+    return out
+
+
+def _role(items: list) -> str:
+    roles = {m.role for _, m, _ in items}
+    if len(roles) > 1:
+        raise SpecError(f"axis {items[0][1].axis} of {items[0][1].param} is both an input and an output axis")
+    return roles.pop()
+
+
+def _rows(matrix: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows lo:hi of a coalesced sparse COO matrix over only the columns they read, and those columns
+    (None: the whole matrix, every column)."""
+    if lo == 0 and hi == matrix.shape[0]:
+        return matrix, None
+    index, values = matrix.indices(), matrix.values()
+    keep = ((index[0] >= lo) & (index[0] < hi)).nonzero().squeeze(1)
+    used, cols = torch.unique(index[1, keep], return_inverse=True)
+    index = torch.stack([index[0, keep] - lo, cols])
+    return torch.sparse_coo_tensor(index, values[keep], (hi - lo, len(used)), check_invariants=False).coalesce(), used
+
+
+def _apply(t: torch.Tensor, axis: int, matrix: torch.Tensor) -> torch.Tensor:
+    """``t`` with axis ``axis`` multiplied by the sparse ``matrix`` (new length, old length)."""
+    moved = t.movedim(axis, 0)
+    flat = moved.reshape(moved.shape[0], -1)
+    out = torch.sparse.mm(matrix, flat) if flat.numel() else flat.new_zeros((matrix.shape[0], flat.shape[1]))
+    return out.reshape(matrix.shape[0], *moved.shape[1:]).movedim(0, axis)
 
 
 def rewrite_axis(t: torch.Tensor, axis: int, items: list, k: int, n: int, maps: dict[str, GroupMap],
@@ -162,11 +217,7 @@ def axis_matrix(items: list, length: int, k: int, n: int, maps: dict[str, GroupM
     cols.append(src_rest)
     vals.append(torch.full((len(src_rest),), 1.0 / n if role == "out" else 1.0, dtype=torch.float64))
     for g, m, tm in items:
-        gm = maps[g.name]
-        d = g.width
-        block = gm.merge[:, k * d : (k + 1) * d] if role == "out" else gm.unmerge[k * d : (k + 1) * d, :].T
-        j, i = block.nonzero(as_tuple=True)  # new unit j reads old unit i
-        v = block[j, i]
+        j, i, v = maps[g.name].block(k, n, role)  # new unit j reads old unit i
         copies = m.index.shape[1]
         rows.append(tm.index[j].reshape(-1))  # (nnz, copies): copy t of new unit j ...
         cols.append(m.index[i].reshape(-1))  # ... reads copy t of old unit i

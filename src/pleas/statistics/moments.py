@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import distributed
 from ..groups.spec import Group, PermutationSpec, Site
 from .gram import gram
 
@@ -30,6 +31,12 @@ class Moments:
         self.count += z.shape[0]
         self.sum += z.double().sum(0)
         self.outer += gram(z)
+
+    def reduce(self) -> None:
+        """Sum over the ranks of a process group, in place."""
+        count = torch.tensor([self.count], dtype=torch.float64)
+        distributed.all_sum(count, self.sum, self.outer)
+        self.count = float(count)
 
     def __add__(self, other: "Moments") -> "Moments":
         return Moments(self.count + other.count, self.sum + other.sum, self.outer + other.outer)
@@ -71,6 +78,12 @@ class CrossMoments:
             self.square[half] += torch.square(z).sum(0).double()
         self.cross += (za.T @ zb).double()
 
+    def reduce(self) -> None:
+        """Sum over the ranks of a process group, in place."""
+        count = torch.tensor([self.count], dtype=torch.float64)
+        distributed.all_sum(count, self.sum, self.square, self.cross)
+        self.count = float(count)
+
     def __add__(self, other: "CrossMoments") -> "CrossMoments":
         return CrossMoments(self.count + other.count, self.sum + other.sum, self.square + other.square,
                             self.cross + other.cross)
@@ -106,7 +119,17 @@ def site_samples(t: torch.Tensor, site: Site, pick: torch.Tensor | None = None) 
         view = t.permute(*lead, *dims)
         position, copy = pick // copies, pick % copies
         rows = view[torch.unravel_index(position, view.shape[:len(lead)])].flatten(1)  # (P, entries)
+        if copies == 1:  # one column per unit: a plain column gather (several times faster than 2-D indexing)
+            return rows.index_select(1, site.index[:, 0])
         return rows[torch.arange(len(pick))[:, None], site.index.T[copy]]
+    if copies == 1 and len(dims) == 1:  # one axis, one entry per unit: select the units, then one transposing copy
+        units = site.index[:, 0]
+        first = int(units[0])
+        if bool((units == torch.arange(first, first + width)).all()):
+            t = t.narrow(dims[0], first, width)
+        else:
+            t = t.index_select(dims[0], units)
+        return t.movedim(dims[0], -1).reshape(-1, width)
     t = t.permute(*lead, *dims).flatten(len(lead))  # (*lead, entries)
     t = t[..., site.index.T.reshape(-1)].unflatten(-1, (copies, width))  # (*lead, copies, width)
     return t.reshape(-1, width)
@@ -127,16 +150,17 @@ class MomentsObserver:
         self.moments = {g.name: CrossMoments.zeros(g.width) if cross else Moments.zeros(n_models * g.width)
                         for g in groups}
         self.max_rows = max_rows
-        self.gen = torch.Generator().manual_seed(seed)
+        self.seed = seed
 
-    def update(self, taps: list[dict]) -> None:
+    def update(self, taps: list[dict], index: int = 0) -> None:
+        gen = distributed.batch_generator(self.seed, index)
         for g in self.groups:
             per_model = [[] for _ in taps]  # every site's samples, stacked: one product per group and batch
             for site in g.sites:
                 rows = site_rows(taps[0][site.node], site)
                 pick = None
                 if self.max_rows is not None and rows > self.max_rows:
-                    pick = torch.randperm(rows, generator=self.gen)[: self.max_rows]
+                    pick = torch.randperm(rows, generator=gen)[: self.max_rows]
                 for samples, t in zip(per_model, taps):
                     samples.append(site_samples(t[site.node], site, pick))
             z = [s[0] if len(s) == 1 else torch.cat(s) for s in per_model]
@@ -144,6 +168,12 @@ class MomentsObserver:
                 self.moments[g.name].update(*z)
             else:
                 self.moments[g.name].update(torch.cat(z, dim=1))
+
+
+    def reduce(self) -> None:
+        """Sum every group's moments over the ranks of a process group (:mod:`pleas.distributed`)."""
+        for m in self.moments.values():
+            m.reduce()
 
 
 def moments_observer(spec: PermutationSpec, n_models: int, n_batches: int, seed: int, *,

@@ -6,6 +6,7 @@ from typing import Iterable
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..capture import Program
 
 
@@ -13,17 +14,25 @@ def source_pass(programs: list[Program], batches: Iterable, observers: list, *, 
                 desc: str = "activation statistics") -> int:
     """Run each captured model once over ``batches``, handing each batch's taps to every observer.
 
-    An observer has ``nodes`` (the captured nodes it reads) and ``update(taps)``, where ``taps[i]`` maps
-    node names to model i's tensors. Several statistics that need the source models' activations share
-    one pass this way (the matching's moments and the refit's targets). Returns the batches seen."""
+    An observer has ``nodes`` (the captured nodes it reads) and ``update(taps, index)``, where ``taps[i]``
+    maps node names to model i's tensors and ``index`` is the batch's global index (its seeded samples
+    depend on it alone); an observer with ``reduce()`` has its sums added up over the ranks of a process
+    group at the end (:mod:`pleas.distributed`). Several statistics that need the source models'
+    activations share one pass this way (the matching's moments and the refit's targets). Returns the
+    batches seen."""
+    batches = list(batches)
+    offset, _ = distributed.offset_and_total(len(batches))
     nodes = sorted({n for o in observers for n in o.nodes})
     seen = 0
     with torch.no_grad():
-        for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        for i, batch in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False)):
             taps = [program.run(batch, nodes)[1] for program in programs]
             for o in observers:
-                o.update(taps)
+                o.update(taps, offset + i)
             seen += 1
+    for o in observers:
+        if hasattr(o, "reduce"):
+            o.reduce()
     return seen
 
 
