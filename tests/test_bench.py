@@ -31,8 +31,10 @@ def test_quick_bench_end_to_end(tmp_path, monkeypatch, capsys):
     assert results["meta"]["complete"] and results["config"]["quick"]
     merges = {(r["method"], r["budget"]): r for r in results["merges"]}
     planned, _ = run.plan_merges(list(run.BENCH_METHODS), list(run.QUICK_BUDGETS))
-    assert set(merges) == set(planned)  # every method at every budget it can make
-    assert {(r["method"], r["budget"]) for r in results["skipped"]} == {("average", 1.5), ("regmean", 1.5)}
+    synthetic = {("pleas-synthetic", 1.0), ("pleas-synthetic", 1.5)}  # the MLP has no BatchNorm statistics
+    assert set(merges) == set(planned) - synthetic  # every method at every budget it can make
+    assert {(r["method"], r["budget"]) for r in results["skipped"]} == {("average", 1.5), ("regmean", 1.5), *synthetic}
+    assert all("needs BatchNorm" in r["reason"] for r in results["skipped"] if r["method"] == "pleas-synthetic")
     for r in results["merges"]:
         assert set(r["acc"]) == {"0-4", "5-9"} and r["mean_acc"] == pytest.approx(sum(r["acc"].values()) / 2)
         assert r["seconds"] > 0 and r["floor_ratio"] == pytest.approx(r["seconds"] / results["floors"][0]["seconds"])
@@ -83,9 +85,9 @@ def test_selection_and_configs():
     assert quick.selection == [("mnist-halves", "mlp")] and quick.seed_pairs == 1 and quick.budgets == [1.0, 1.5]
     full = run.make_config()
     assert full.seed_pairs == 3 and full.budgets == [1.0, 1.2, 1.5, 1.8, 2.0] and full.selection == pairs
-    # 28 merges per pair at every budget, PLeaS without permutations at 1x, and three effective-budget
-    # allocations at 1.2x and 1.5x only
-    assert run.count_merges(full) == (28 + 1 + 3 * 2) * 3 * len(pairs)
+    # 33 merges per pair at every budget (PLeaS on synthesised data among them), PLeaS without permutations
+    # at 1x, three effective-budget allocations at 1.2x and 1.5x only, three free-data ablations at 1x and 2x
+    assert run.count_merges(full) == (33 + 1 + 3 * 2 + 3 * 2) * 3 * len(pairs)
     assert tasks.pair_seeds(2) == (4, 5)
 
 
@@ -287,3 +289,13 @@ def test_speed_against_calibration_size_is_reported():
 def test_speed_scaling_is_skipped_in_quick_runs_and_without_resnet18():
     assert run.speed_scaling(run.make_config(quick=True), log=lambda _: None) == []
     assert run.speed_scaling(run.make_config(archs=["mlp"]), log=lambda _: None) == []
+
+
+def test_free_finding_takes_the_best_free_variant_and_lists_the_ablations():
+    ablations = {("pleas-free-norms", 1.0): 0.60, ("pleas-free-match", 1.0): 0.80, ("pleas-free-refit", 1.0): 0.65,
+                 ("pleas-synthetic", 1.0): 0.80, ("pleas-synthetic", 1.2): 0.70, ("pleas-free", 1.0): 0.70}
+    free = findings.free_near_pleas(Summary(_results({**GOOD, **ablations})))
+    # 1x: synthesised data (-1.0) beats the other data (-11.0); 1.2x: the other data (-1.0) beats synthesised
+    assert free.holds and "-1.0 (1x, synthesised) / -1.0 (1.2x, other data) / -1.0 (1.5x, other data)" in free.table
+    assert ("other data -11.0; synthesised -1.0; norm statistics from free data -21.0; matching on free data -1.0; "
+            "refit on free data -16.0") in free.table

@@ -225,7 +225,8 @@ def test_configs_of_the_studies():
     students_per_pair = 5 + 1  # one per budget, and kd-source at 1x
     assert run.count_students(full) == students_per_pair * len(full.selection)
     combos, methods = run.calibration_plan(full)
-    assert {a for _, a in combos} == {"resnet20", "resnet18"} and methods == ["pleas", "zipit", "rebasin-activation"]
+    assert {a for _, a in combos} == {"resnet20", "resnet18"} and methods == ["pleas", "pleas-free", "zipit",
+                                                                         "rebasin-activation"]
     quick = run.make_config(quick=True)
     assert quick.distill_epochs_for("mlp") == run.QUICK_DISTILL_EPOCHS and quick.calibration_archs == ["mlp"]
     assert run.count_students(run.make_config(methods=["zipit"])) == 0

@@ -18,6 +18,7 @@ from .rewrite import (GroupMap, build_model, duplication_map, permutation_map, p
 from .rewrite.heads import ModelEnsemble, SeparateHeads
 from .ops import register_function_handler, register_method_handler, register_module_handler, register_resizer
 from .result import MergeResult
+from .synthesis import synthesize
 from .version import __version__
 
 
@@ -35,5 +36,5 @@ __all__ = [
     "build_spec", "capture", "create_model", "duplication_map", "merge", "per_model", "permutation_map",
     "permute_state_dict",
     "register_function_handler", "register_method_handler", "register_module_handler", "register_resizer",
-    "transform_state_dicts",
+    "synthesize", "transform_state_dicts",
 ]

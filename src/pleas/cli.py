@@ -104,8 +104,19 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     from .errors import MergeInputError
     from .methods import METHODS
+    from .synthesis import OPTIONS as SYNTHESIS_OPTIONS
+    from .synthesis import synthetic_count
 
     start = time.perf_counter()
+    synthetic = synthetic_count(args.data)
+    if synthetic is not None and args.input_shape is None:
+        raise MergeInputError(f"--data {args.data} needs --input-shape: the shape of one input, e.g. 1,32,32 for "
+                              "one-channel 32x32 images")
+    unknown = sorted(set(args.synthesis) - set(SYNTHESIS_OPTIONS))
+    if unknown:
+        raise MergeInputError(f"--synthesis names unknown options {unknown}; allowed: {list(SYNTHESIS_OPTIONS)}")
+    if synthetic is not None and args.samples is not None:
+        raise MergeInputError(f"--samples does not apply to --data {args.data}: N is the number of inputs synthesised")
     method = args.method or "pleas"
     if method not in METHODS:
         hint = "" if args.method else " (the default); pass --method"
@@ -132,6 +143,7 @@ def merge_rank(args: argparse.Namespace, method: str, start: float) -> int:
     from .files import write_atomically
     from .io import (is_pretrained_dir, load_calibration, load_model, load_pretrained, load_tokenizer, merged_files,
                      report_bytes, save_pretrained_atomically)
+    from .synthesis import synthesize, synthetic_count
 
     pretrained = is_pretrained_dir(args.models[0])
     if pretrained:
@@ -142,7 +154,16 @@ def merge_rank(args: argparse.Namespace, method: str, start: float) -> int:
     else:
         sources = [load_model(args.arch, args.kwargs, path) for path in args.models]
         tokenizer = None
-    data = load_calibration(args.data, args.samples, seed=args.seed, tokenizer=tokenizer, seq_len=args.seq_len)
+    synthesis = None
+    synthetic = synthetic_count(args.data)
+    if synthetic is not None:  # every rank synthesises the same inputs (seeded), then takes its share
+        began = time.perf_counter()
+        data = synthesize(sources, synthetic, shape=args.input_shape, seed=args.seed, progress=sys.stderr.isatty(),
+                          **args.synthesis)
+        synthesis = {"samples": synthetic, "shape": list(args.input_shape), "options": args.synthesis,
+                     "seconds": time.perf_counter() - began}
+    else:
+        data = load_calibration(args.data, args.samples, seed=args.seed, tokenizer=tokenizer, seq_len=args.seq_len)
     samples = data.shape[0]
     if distributed.active():
         data = distributed.shard(data, args.batch_size)
@@ -154,6 +175,9 @@ def merge_rank(args: argparse.Namespace, method: str, start: float) -> int:
     )
     if distributed.rank() != 0:
         return 0  # every rank holds the same merged model; rank 0 writes it
+    if synthesis is not None:  # its time next to the merge's
+        result.report["synthesis"] = synthesis
+        result.report["seconds"] = {**result.report.get("seconds", {}), "synthesis": synthesis["seconds"]}
     info = {"arch": args.arch, "kwargs": args.kwargs} if not pretrained else {"pretrained": True}
     from pathlib import Path
 
@@ -189,6 +213,7 @@ def merge_rank(args: argparse.Namespace, method: str, start: float) -> int:
               f"(per group {min(ratios):.2f}x to {max(ratios):.2f}x)")
     print(f"calib    {samples} samples of shape {tuple(data.shape[1:])}"
           + (" (token ids)" if not data.dtype.is_floating_point else "")
+          + (f", synthesised from the sources' BatchNorm statistics in {synthesis['seconds']:.2f} s" if synthesis else "")
           + (f", {distributed.world_size()} processes" if distributed.active() else ""))
     print(f"wrote    {args.out}" + (f" and {args.report}" if args.report else "") + (f" and {args.plot}" if args.plot else ""))
     print(f"seconds  {time.perf_counter() - start:.2f} (merge {result.report.get('seconds', {}).get('total', 0):.2f})")
@@ -288,7 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True,
                    help="calibration inputs: mnist, digits, mnist1d (optionally name:resolution, e.g. digits:16), "
                    "a .npy / .pt file holding an array (N, ...) (integers: token ids), or a .txt file of text (cut "
-                   "into --seq-len tokens with the model directory's tokenizer, or bytes)")
+                   "into --seq-len tokens with the model directory's tokenizer, or bytes), or synthetic:N: N inputs "
+                   "synthesised from the sources' BatchNorm statistics (DeepInversion; needs --input-shape)")
+    p.add_argument("--input-shape", type=_shape, default=None, help="shape of one input for --data synthetic:N, "
+                   "comma-separated, e.g. 1,32,32")
+    p.add_argument("--synthesis", type=_kwargs, default={}, help="JSON object of pleas.synthesize options for "
+                   "--data synthetic:N, e.g. '{\"steps\": 100}'")
     p.add_argument("--seq-len", type=_positive_int, default=128, help="tokens per calibration window of a .txt file "
                    "(default 128)")
     p.add_argument("--samples", type=_positive_int, default=None,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 #: Per-merge numbers summarised over seed pairs (accuracies per domain come as "acc:<domain label>").
-MERGE_FIELDS = ("mean_acc", "dense", "effective", "seconds", "floor_ratio", "peak_mb", "extra_mb")
+MERGE_FIELDS = ("mean_acc", "dense", "effective", "seconds", "floor_ratio", "peak_mb", "extra_mb", "synthesis_seconds")
 #: A distillation student's checkpoints, and the numbers of each summarised as "<checkpoint>.<field>".
 DISTILL_POINTS = ("start", "at_budget", "converged")
 DISTILL_POINT_FIELDS = ("mean_acc", "seconds", "steps", "epochs", "loss")

@@ -29,8 +29,9 @@ SIZES = (32, 64, 128, 256, 512, 1000, 2000, 5000)
 QUICK_SIZES = (32, 64, 128)
 #: Architectures the axis runs on in the full run (``--quick`` runs it on the quick selection's).
 ARCHS = ("resnet20", "resnet18")
-#: The merges on the axis (benchmark method labels), all at 1x.
-METHODS = ("pleas", "zipit", "rebasin-activation")
+#: The merges on the axis (benchmark method labels), all at 1x. PLeaS-free draws as many samples of the
+#: task's free data (a seeded prefix of one draw too); sizes beyond what the free data holds are skipped.
+METHODS = ("pleas", "pleas-free", "zipit", "rebasin-activation")
 #: The seed pair the axis runs on.
 PAIR = 0
 
@@ -76,17 +77,19 @@ def run_axis(combos: list[tuple[str, str]], methods: list[str], sizes: list[int]
         bar.total -= (len(set(sizes)) - len(chosen)) * len(methods)  # sizes above the cap collapse into one
         bar.refresh()
         for requested, used in chosen:
-            data = task_defs.task_calibration(a, b, used, seed=PAIR)
+            data = {"task": task_defs.task_calibration(a, b, used, seed=PAIR)}
             for label in methods:
                 setup = setups[label]
                 bar.set_postfix_str(f"{task_name}/{arch}: {label} on {used} calibration samples", refresh=True)
                 record: dict[str, Any] = {"task": task_name, "arch": arch, "pair": PAIR, "method": label,
                                           "requested": requested, "samples": used, "cap": cap}
                 try:
+                    if setup.calibration == "free" and "free" not in data:
+                        data["free"] = task.free_data(used, task.archs[arch].resolution, PAIR)
                     start = time.perf_counter()
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")  # in the record, not printed per merge
-                        result = merge(a.model, b.model, data, method=setup.method, budget=1.0, heads=task.heads,
+                        result = merge(a.model, b.model, data[setup.calibration], method=setup.method, budget=1.0, heads=task.heads,
                                        seed=PAIR, batch_size=batch_size, progress=False, **setup.options)
                     seconds = time.perf_counter() - start
                 except PleasError as exc:

@@ -52,7 +52,7 @@ def plot_combo(summary: Summary, task: str, arch: str, path: Path) -> Path:
         if len(found) == 1:
             ax.errorbar(x, y, yerr=err, marker="s", linestyle="none", capsize=3, label=method)
         else:
-            style = {"linewidth": 2.4} if method == "pleas" else {"linestyle": "--"} if method == "pleas-free" else {}
+            style = {"linewidth": 2.4} if method == "pleas" else {"linestyle": "--"} if method in ("pleas-free", "pleas-synthetic") else {}
             (line,) = ax.plot(x, y, marker="o", label=method, **style)
             ax.fill_between(x, [v - e for v, e in zip(y, err)], [v + e for v, e in zip(y, err)],
                             color=line.get_color(), alpha=0.15)

@@ -98,8 +98,8 @@ def _setup(results: dict) -> list[str]:
               "the seed that also initialises them; seed pair p trains model A with seed 2p and model B with seed "
               "2p + 1 on their own domain's training split (80% of MNIST and of the UCI digits, stratified; MNIST-1D's "
               "own 4,000 / 1,000 split). Accuracy is measured on each domain's test split.", "",
-              "**Methods** (`pleas.merge`; every merge except the ensemble resets BatchNorm statistics on its "
-              "calibration data):", ""]
+              "**Methods** (`pleas.merge`; norm statistics as `norm_stats=\"auto\"` decides: recomputed on the "
+              "calibration data, or the sources' carried through the merge when the data does not match them):", ""]
     for label, method in results.get("methods", {}).items():
         options = f", options {method['options']}" if method.get("options") else ""
         lines.append(f"- `{label}` (`method=\"{method['method']}\"`{options}): {method['text']}.")
@@ -108,7 +108,9 @@ def _setup(results: dict) -> list[str]:
         f"**Budgets** {', '.join(f'{b:g}x' for b in config.get('budgets', []))} where a method can make them "
         f"(average and RegMean make 1x only; the ensemble has its fixed size); **{config.get('seed_pairs', '?')} seed "
         f"pair(s)**; **{config.get('calibration', '?')} calibration samples** per merge, half from each domain's "
-        f"training split (PLeaS-free: as many of its free data), batch size {config.get('batch_size', '?')}.",
+        f"training split (PLeaS-free: as many of its free data; pleas-synthetic: at most 256 inputs synthesised "
+        f"by `pleas.synthesize` with 400 steps, whose time is reported apart from the merge's), batch size "
+        f"{config.get('batch_size', '?')}.",
         "",
         "**Measured per merge:** accuracy on each domain's test split and their mean; the dense size (entries of "
         "the merged state dict relative to one source model; with separate heads the second head is not counted) "

@@ -38,6 +38,14 @@ SEED_PAIRS = 3
 #: Calibration samples per merge (half from each domain's training split), full run and ``--quick``.
 CALIBRATION = 1000
 QUICK_CALIBRATION = 200
+#: The budgets of the free-data ablations (the smallest and the largest of the full run).
+ABLATION_BUDGETS = (1.0, 2.0)
+#: Synthesised calibration data (pleas.synthesize): inputs (at most the run's calibration size) and Adam
+#: steps, full run and ``--quick``. At equal cost, 256 inputs with 400 steps beat 1000 with 100 (domains /
+#: resnet20, PLeaS at 1x: 0.676 against 0.538; docs/free-data.md): their quality, not their number, limits.
+SYNTHESIS_SAMPLES = 256
+SYNTHESIS_STEPS = 400
+QUICK_SYNTHESIS_STEPS = 10
 #: The (task, architecture) pairs of ``--quick``.
 QUICK_SELECTION = (("mnist-halves", "mlp"),)
 #: Batch size of the merges and of the forward floor.
@@ -54,8 +62,10 @@ QUICK_DISTILL_EPOCHS = 3
 @dataclass(frozen=True)
 class MethodSetup:
     """A benchmarked method: ``method`` is the registered name, ``options`` extra :func:`pleas.merge`
-    arguments, ``calibration`` "task" (the task's own data) or "free" (the task's free data), ``budgets``
-    the only budgets it runs at (None: every budget of the run)."""
+    arguments, ``calibration`` "task" (the task's own data), "free" (the task's free data), "synthetic"
+    (:func:`pleas.synthesize` from the sources) or, for PLeaS's ablations, "free-match" / "free-refit"
+    (free data for the matching / for the refit and norm statistics only, the task's for the rest:
+    :func:`.free_ablation.split_merge`); ``budgets`` the only budgets it runs at (None: every budget)."""
 
     label: str
     method: str
@@ -90,6 +100,14 @@ BENCH_METHODS: dict[str, MethodSetup] = {
         MethodSetup("pleas", "pleas", "PLeaS: activation matching, partial merge, least-squares refit"),
         MethodSetup("pleas-free", "pleas", "PLeaS calibrated on data from neither domain (the task's free data)",
                     calibration="free"),
+        MethodSetup("pleas-synthetic", "pleas", "PLeaS calibrated on inputs synthesised from the sources' BatchNorm "
+                    "statistics (pleas.synthesize; no data at all)", calibration="synthetic"),
+        MethodSetup("pleas-free-norms", "pleas", "ablation: PLeaS-free with norm statistics recomputed on the free "
+                    "data (norm_stats='data')", {"norm_stats": "data"}, calibration="free", budgets=ABLATION_BUDGETS),
+        MethodSetup("pleas-free-match", "pleas", "ablation: units matched on free data, refit and norm statistics on "
+                    "the task's data", calibration="free-match", budgets=ABLATION_BUDGETS),
+        MethodSetup("pleas-free-refit", "pleas", "ablation: units matched on the task's data, refit and norm "
+                    "statistics on free data", calibration="free-refit", budgets=ABLATION_BUDGETS),
         *(MethodSetup(label, "pleas",
                       f"PLeaS, budget in effective parameters (zero blocks not counted), allocation '{allocation}'",
                       {"budget_metric": "effective_params", "allocation": allocation}, budgets=ALLOCATION_BUDGETS)
@@ -253,6 +271,7 @@ def run_pair(config: BenchConfig, task_name: str, arch: str, pair: int, bar: tqd
     }
     floor = forward_floor([a.model, b.model], calibration["task"], batch_size=config.batch_size)
     records["floors"].append({**where, "seconds": floor, "samples": config.calibration})
+    synthesis = _synthesis(config, a, b, calibration, pair, bar, where)
 
     runs, skipped = plan_merges(config.methods, config.budgets)
     records["skipped"] += [{**where, **s} for s in skipped]
@@ -261,13 +280,22 @@ def run_pair(config: BenchConfig, task_name: str, arch: str, pair: int, bar: tqd
         setup = BENCH_METHODS[label]
         bar.set_postfix_str(f"{task_name}/{arch} pair {pair}: {label} {budget or ''}", refresh=True)
         record: dict[str, Any] = {**where, "method": label, "budget": budget}
+        if setup.calibration == "synthetic" and "error" in synthesis:
+            records["skipped"].append({**record, "reason": synthesis["error"]})
+            bar.update(1)
+            continue
         try:
             with PeakMemory() as memory, warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # kept in the record (the report's own list), not printed per merge
                 start = time.perf_counter()
-                result = merge(a.model, b.model, calibration[setup.calibration], method=setup.method,
-                               budget=budget or 1.0, heads=task.heads, seed=pair, batch_size=config.batch_size,
-                               progress=False, **setup.options)
+                if setup.calibration in SPLIT_CALIBRATIONS:
+                    match, refit = SPLIT_CALIBRATIONS[setup.calibration]
+                    result = _split(a, b, calibration[match], calibration[refit], budget or 1.0, task.heads, pair,
+                                    config.batch_size, setup.options)
+                else:
+                    result = merge(a.model, b.model, calibration[setup.calibration], method=setup.method,
+                                   budget=budget or 1.0, heads=task.heads, seed=pair, batch_size=config.batch_size,
+                                   progress=False, **setup.options)
                 seconds = time.perf_counter() - start
         except PleasError as exc:
             kind = "skipped" if isinstance(exc, MergeInputError) else "error"
@@ -281,7 +309,10 @@ def run_pair(config: BenchConfig, task_name: str, arch: str, pair: int, bar: tqd
             effective=size["relative_effective"], seconds=seconds, floor_ratio=seconds / floor,
             peak_mb=memory.peak_mb, extra_mb=memory.extra_mb, memory_exact=memory.exact,
             phases=result.report.get("seconds", {}), warnings=result.report.get("warnings", []),
+            norm_stats=result.report.get("norm_stats"),
         )
+        if setup.calibration == "synthetic":
+            record["synthesis_seconds"] = synthesis["seconds"]
         records["merges"].append(record)
         bar.update(1)
         if label == DISTILL_METHOD and pair < config.distill_pairs:
@@ -290,6 +321,40 @@ def run_pair(config: BenchConfig, task_name: str, arch: str, pair: int, bar: tqd
             records["distill"] += _students(config, task, record, result.model, a, b, calibration["task"], teacher,
                                             tests, bar)
     return records
+
+
+#: The ablations' calibration: (the matching's data, the refit's and norm statistics' data).
+SPLIT_CALIBRATIONS = {"free-match": ("free", "task"), "free-refit": ("task", "free")}
+
+
+def _synthesis(config: BenchConfig, a, b, calibration: dict, pair: int, bar: tqdm, where: dict) -> dict:
+    """Synthesise the pair's calibration inputs (into ``calibration["synthetic"]``) when a selected method
+    calibrates on them: {"seconds": ...}, or {"error": ...} for models without BatchNorm."""
+    if not any(BENCH_METHODS[m].calibration == "synthetic" for m in config.methods):
+        return {}
+    from ..synthesis import synthesize
+
+    bar.set_postfix_str(f"{where['task']}/{where['arch']} pair {pair}: synthesising calibration data", refresh=True)
+    steps = QUICK_SYNTHESIS_STEPS if config.quick else SYNTHESIS_STEPS
+    start = time.perf_counter()
+    try:
+        calibration["synthetic"] = synthesize([a.model, b.model], min(SYNTHESIS_SAMPLES, config.calibration),
+                                              shape=tuple(calibration["task"].shape[1:]), steps=steps, seed=pair,
+                                              progress=False)
+    except MergeInputError as exc:
+        return {"error": f"skipped: {exc}"}
+    return {"seconds": time.perf_counter() - start, "steps": steps}
+
+
+def _split(a, b, match_data, refit_data, budget: float, heads: str, seed: int, batch_size: int, options: dict):
+    """:func:`.free_ablation.split_merge` as a result with ``model`` and ``report`` (like :func:`pleas.merge`'s)."""
+    from types import SimpleNamespace
+
+    from .free_ablation import split_merge
+
+    model, report = split_merge([a.model, b.model], match_data, refit_data, budget=budget, heads=heads, seed=seed,
+                                batch_size=batch_size, **options)
+    return SimpleNamespace(model=model, report=report)
 
 
 #: Calibration sizes at which the PLeaS-versus-forward-floor ratio of resnet18 is measured again.
