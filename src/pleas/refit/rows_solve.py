@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .solve import RIDGE_GRID, RefitOptions
+from .solve import RefitOptions, choose_ridge, row_patterns
 
 #: How a layer can be solved, in order of preference when it fits: the float64 Gram, the dual form on the
 #: rows (only with fewer rows than columns), the float32 Gram.
@@ -70,26 +70,11 @@ class RowsProblem:
                  own_in: torch.Tensor, opt: RefitOptions):
         m_out, p = w0.shape
         self.w0, self.opt = w0, opt
-        seen = (x != 0).any(0)
-        keys = {} if opt.mask else {None: list(range(m_out))}
-        if opt.mask:
-            for i, key in enumerate(map(tuple, own_out.T.tolist())):
-                keys.setdefault(key, []).append(i)
-        self.start = w0  # W_0 with the zero blocks zeroed: a copy once there are any
-        self.patterns = []
+        self.start, patterns = row_patterns(w0, own_out, own_in, (x != 0).any(0), opt.mask)
+        self.patterns = [[rows, cols] for rows, cols in patterns if len(cols)]
         self.target_sq = float(torch.linalg.vector_norm(y, dtype=torch.float64)) ** 2
         self.count = len(x)
         self.trace = float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2  # trace(X^T X)
-        for key, rows in keys.items():
-            rows = torch.as_tensor(rows)
-            allowed = torch.ones(p, dtype=torch.bool) if key is None else (torch.tensor(key)[:, None] & own_in).any(0)
-            zero = (~allowed).nonzero().squeeze(1)
-            if len(zero):
-                self.start = w0.clone() if self.start is w0 else self.start
-                self.start[rows[:, None], zero] = 0.0
-            cols = (allowed & seen).nonzero().squeeze(1)  # unseen columns keep W_0: the dual adds nothing there
-            if len(cols):
-                self.patterns.append([rows, cols])
         covered = torch.zeros(m_out, dtype=torch.bool)
         for rows, _ in self.patterns:
             covered[rows] = True
@@ -170,16 +155,7 @@ def solve_layer_rows(layer, x: torch.Tensor, y: torch.Tensor, params: dict, own_
         fit = RowsProblem(x[~held], y[~held], w0d, own_out, own_in, opt)
         errors = row_errors(x[held], y[held])
         base = errors(w0d)
-        best, previous = (base, None), None
-        scale = fit.scale()
-        for f in RIDGE_GRID:
-            w_fit, _ = fit.solve(opt.ridge * f * scale)
-            e = errors(w_fit)
-            if e < best[0]:
-                best = (e, f)
-            if previous is not None and e > previous:
-                break
-            previous = e
+        best = choose_ridge(fit.solve, errors, base, opt.ridge * fit.scale())
         del fit
         entry.update(heldout_rows=int(held.sum()), heldout_before=base, heldout_after=best[0])
         factor = best[1]

@@ -191,6 +191,29 @@ class LayerStats:
 RIDGE_GRID = (1.0, 10.0, 100.0, 1e3, 1e4)
 
 
+def row_patterns(w0: torch.Tensor, own_out: torch.Tensor, own_in: torch.Tensor, seen: torch.Tensor,
+                 mask: bool) -> tuple[torch.Tensor, list]:
+    """The zero-block constraint of a weight W_0 (m_out, P): W_0 with its zero blocks zeroed (a copy only
+    when there are any), and for each row pattern (the output rows owned by the same models) its rows and
+    the columns they may read that the data reached (``seen``). Columns the data never reaches keep their
+    initial weight: for them the ridge solution is W_0."""
+    m_out, p = w0.shape
+    keys = {} if mask else {None: list(range(m_out))}
+    if mask:
+        for i, key in enumerate(map(tuple, own_out.T.tolist())):
+            keys.setdefault(key, []).append(i)
+    start, patterns = w0, []
+    for key, rows in keys.items():
+        rows = torch.as_tensor(rows)
+        allowed = torch.ones(p, dtype=torch.bool) if key is None else (torch.tensor(key)[:, None] & own_in).any(0)
+        zero = (~allowed).nonzero().squeeze(1)
+        if len(zero):
+            start = w0.clone() if start is w0 else start
+            start[rows[:, None], zero] = 0.0
+        patterns.append((rows, (allowed & seen).nonzero().squeeze(1)))
+    return start, patterns
+
+
 class MaskedProblem:
     """One layer's ridge problem under the zero-block constraint, ready to solve at any strength: the
     output rows grouped by the models that own them (a row pattern), each with the input columns it may
@@ -201,22 +224,9 @@ class MaskedProblem:
                  opt: RefitOptions):
         m_out, p = w0.shape
         self.st, self.w0, self.opt = st, w0, opt
-        seen = st.seen()
-        keys = {} if opt.mask else {None: list(range(m_out))}
-        if opt.mask:
-            for i, key in enumerate(map(tuple, own_out.T.tolist())):
-                keys.setdefault(key, []).append(i)
-        self.start = w0  # W_0 with the zero blocks zeroed: a copy once there are any
+        self.start, patterns = row_patterns(w0, own_out, own_in, st.seen(), opt.mask)
         self.patterns = []
-        for key, rows in keys.items():
-            rows = torch.as_tensor(rows)
-            allowed = torch.ones(p, dtype=torch.bool) if key is None else (torch.tensor(key)[:, None] & own_in).any(0)
-            zero = (~allowed).nonzero().squeeze(1)
-            if len(zero):
-                self.start = w0.clone() if self.start is w0 else self.start
-                self.start[rows[:, None], zero] = 0.0
-            # Columns the data never reaches keep their initial weight: for them the ridge solution is W_0.
-            cols = (allowed & seen).nonzero().squeeze(1)
+        for rows, cols in patterns:
             if len(cols):
                 local = st.local(cols)
                 every_col = len(cols) == st.gram.shape[0]  # then ``local`` is 0 ... P-1 in order
@@ -254,6 +264,21 @@ def masked_solve(st: LayerStats, w0: torch.Tensor, own_out: torch.Tensor, own_in
     return MaskedProblem(st, w0, own_out, own_in, opt).solve(lam)
 
 
+def choose_ridge(solve, error, base: float, strength: float) -> tuple[float, float | None]:
+    """The :data:`RIDGE_GRID` factor whose solution ``solve(strength * factor)`` (a weight, and anything)
+    has the least held-out ``error``, with that error; (``base``, None) when none beats ``base`` (the
+    partial-merge weights' error). Stops past the best factor: larger ones only move back toward W_0."""
+    best, previous = (base, None), None
+    for f in RIDGE_GRID:
+        e = error(solve(strength * f)[0])
+        if e < best[0]:
+            best = (e, f)
+        if previous is not None and e > previous:
+            break
+        previous = e
+    return best
+
+
 def solve_layer(layer, st: LayerStats, params: dict, own_out: torch.Tensor, own_in: torch.Tensor,
                 opt: RefitOptions, held: LayerStats | None = None) -> dict:
     """Solve one layer from its sums ``st`` and write the weights into ``params`` (in place).
@@ -273,17 +298,8 @@ def solve_layer(layer, st: LayerStats, params: dict, own_out: torch.Tensor, own_
     factor = 1.0
     if held is not None and held.count and exact and held.target_sq > 0:
         base = held.initial_error() if held.initial is not None else held.error(w0)
-        best = (base, None)
-        previous = None
-        problem, scale, errors = MaskedProblem(st, w0, own_out, own_in, opt), st.scale(), held.errors()
-        for f in RIDGE_GRID:
-            w_fit, _ = problem.solve(opt.ridge * f * scale)
-            e = errors(w_fit)
-            if e < best[0]:
-                best = (e, f)
-            if previous is not None and e > previous:
-                break  # past the best strength: larger ones only move back toward W_0
-            previous = e
+        problem = MaskedProblem(st, w0, own_out, own_in, opt)
+        best = choose_ridge(problem.solve, held.errors(), base, opt.ridge * st.scale())
         del problem
         st.absorb(held)
         entry.update(heldout_rows=held.count, heldout_before=base, heldout_after=best[0])
