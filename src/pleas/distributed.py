@@ -126,8 +126,10 @@ def fingerprint(state_dicts: list[dict]) -> str:
         for name, t in sd.items():
             if isinstance(t, torch.Tensor):
                 h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-                if t.is_floating_point() and t.numel():
-                    h.update(f"{float(t.double().sum()):.12e}{float(t.double().abs().sum()):.12e}".encode())
+                if t.is_floating_point() and t.numel():  # float64 sums without a float64 copy of the tensor
+                    total = float(t.sum(dtype=torch.float64))
+                    size = float(torch.linalg.vector_norm(t, dtype=torch.float64))
+                    h.update(f"{total:.12e}{size:.12e}".encode())
     return h.hexdigest()
 
 

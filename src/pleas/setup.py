@@ -199,8 +199,9 @@ def prepare(models: list[nn.Module], data: Any, **options) -> MergeSetup:
     except PleasError as exc:
         error = exc
     distributed.raise_if_any(error)
-    distributed.check_shards(setup.data.samples())
-    distributed.same_everywhere(distributed.fingerprint([m.state_dict() for m in setup.models]), "the models")
+    if distributed.active():
+        distributed.check_shards(setup.data.samples())
+        distributed.same_everywhere(distributed.fingerprint([m.state_dict() for m in setup.models]), "the models")
     setup.total_batches = distributed.offset_and_total(len(setup.batches))[1]
     return setup
 
