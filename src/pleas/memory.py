@@ -49,15 +49,23 @@ def fmt_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
-def available_memory() -> int:
-    """Bytes the machine can still give: MemAvailable of /proc/meminfo, else free pages (os.sysconf)."""
+def _proc_bytes(path: str, key: str) -> int | None:
+    """The ``key:`` line of a /proc file given in kB, as bytes (None where there is no such file or line)."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
+    return None
+
+
+def available_memory() -> int:
+    """Bytes the machine can still give: MemAvailable of /proc/meminfo, else free pages (os.sysconf)."""
+    found = _proc_bytes("/proc/meminfo", "MemAvailable")
+    if found is not None:
+        return found
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -66,13 +74,9 @@ def available_memory() -> int:
 
 def resident_memory() -> int:
     """This process's resident bytes now (VmRSS), else its lifetime peak (getrusage)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
+    found = _proc_bytes("/proc/self/status", "VmRSS")
+    if found is not None:
+        return found
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

@@ -35,7 +35,6 @@ def set_norm_statistics(norm, xs: list[torch.Tensor], params: dict) -> None:
         total = total + d.sum(dims).double()
         sq = sq + torch.square(d).sum(dims).double()
         count += x.numel() // x.shape[norm.dim]
-    total, sq = total.clone(), sq.clone()
     count = int(distributed.sum_numbers(count)[0])
     distributed.all_sum(total, sq)
     if count < 2:

@@ -122,7 +122,7 @@ def refit_propagated(sources: list[Program], merged: Program, layers: list[Refit
                     solver = "dense" if fits else "float32"
                 if solver in ("rows", None):  # the dual form on the rows themselves (no Gram; see rows_solve)
                     held = (held_images[images if order is None else images[order]]
-                            if len(xr) < HELD_OUT_BELOW * columns and held_images is not None else None)
+                            if rows < HELD_OUT_BELOW * columns and held_images is not None else None)
                     if held is not None:
                         sparse.append(layer.name)
                     entries.append({**solve_layer_rows(layer.merged, xr, yr, params, own_out, own_in, options, held),

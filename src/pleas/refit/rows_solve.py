@@ -147,14 +147,13 @@ def solve_layer_rows(layer, x: torch.Tensor, y: torch.Tensor, params: dict, own_
     (the dual form: :class:`RowsProblem`), with the same ridge rule, held-out choice of its strength
     (``held``: (N,) booleans, the held-out rows) and report entry."""
     w0 = layer.matrix(params, params[layer.weight].dtype)  # its own dtype: products run in float64 in chunks
-    w0d = w0
     entry = {"layer": layer.name, "columns": w0.shape[1]}
     factor = 1.0
-    before_all = row_errors(x, y)(w0d)
+    before_all = row_errors(x, y)(w0)
     if held is not None and bool(held.any()) and bool((~held).any()):
-        fit = RowsProblem(x[~held], y[~held], w0d, own_out, own_in, opt)
+        fit = RowsProblem(x[~held], y[~held], w0, own_out, own_in, opt)
         errors = row_errors(x[held], y[held])
-        base = errors(w0d)
+        base = errors(w0)
         best = choose_ridge(fit.solve, errors, base, opt.ridge * fit.scale())
         del fit
         entry.update(heldout_rows=int(held.sum()), heldout_before=base, heldout_after=best[0])
@@ -164,7 +163,7 @@ def solve_layer_rows(layer, x: torch.Tensor, y: torch.Tensor, params: dict, own_
         entry.update(error_before=before_all, error_after=before_all, ridge=None,
                      kept="its fit was worse on held-out rows")
         return entry
-    problem = RowsProblem(x, y, w0d, own_out, own_in, opt)
+    problem = RowsProblem(x, y, w0, own_out, own_in, opt)
     w, quad = problem.solve(opt.ridge * factor * problem.scale())
     layer.set_matrix(params, w)
     entry.update(error_before=before_all, error_after=max(quad, 0.0) / max(problem.target_sq, 1e-30),
