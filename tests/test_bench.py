@@ -85,9 +85,12 @@ def test_selection_and_configs():
     assert quick.selection == [("mnist-halves", "mlp")] and quick.seed_pairs == 1 and quick.budgets == [1.0, 1.5]
     full = run.make_config()
     assert full.seed_pairs == 3 and full.budgets == [1.0, 1.2, 1.5, 1.8, 2.0] and full.selection == pairs
-    # 33 merges per pair at every budget (PLeaS on synthesised data among them), PLeaS without permutations
-    # at 1x, three effective-budget allocations at 1.2x and 1.5x only, three free-data ablations at 1x and 2x
-    assert run.count_merges(full) == (33 + 1 + 3 * 2 + 3 * 2) * 3 * len(pairs)
+    # on every pair: 28 merges at every budget, PLeaS without permutations at 1x, three effective-budget
+    # allocations at 1.2x and 1.5x only; on the first pair only: PLeaS on synthesised data at every budget,
+    # three free-data ablations at 1x and 2x, three merges with both models whole
+    assert run.FREE_EXTRA_PAIRS == 1
+    assert run.count_merges(full) == ((28 + 1 + 3 * 2) * 3 + 5 + 3 * 2 + 3) * len(pairs)
+    assert [len(run.plan_merges(full.methods, full.budgets, p)[0]) for p in range(3)] == [49, 35, 35]
     assert tasks.pair_seeds(2) == (4, 5)
 
 
@@ -299,3 +302,18 @@ def test_free_finding_takes_the_best_free_variant_and_lists_the_ablations():
     assert free.holds and "-1.0 (1x, synthesised) / -1.0 (1.2x, other data) / -1.0 (1.5x, other data)" in free.table
     assert ("other data -11.0; synthesised -1.0; norm statistics from free data -21.0; matching on free data -1.0; "
             "refit on free data -16.0") in free.table
+
+
+def test_free_finding_compares_on_the_variants_own_pairs_and_checks_both_whole():
+    # pair 1 scores 0.05 higher everywhere; the synthetic row and the whole rows ran on pair 0 only
+    results = _results(GOOD, pairs=(0.0, 0.05))
+    extra = {("pleas-synthetic", 1.0): 0.80, ("pleas-whole", 2.0): 0.95, ("pleas-free-whole", 2.0): 0.945,
+             ("pleas-synthetic-whole", 2.0): 0.90}
+    results["merges"] += [_record("t", "resnet18", 0, m, b, acc) for (m, b), acc in extra.items()]
+    free = findings.free_near_pleas(Summary(results))
+    # against PLeaS on pair 0 only (0.81), not over both pairs (0.835): -1.0, not -3.5
+    assert free.holds and "-1.0 (1x, synthesised)" in free.table
+    assert "other data -0.5; synthesised -5.0" in free.table and "both whole -0.5" in free.table
+    results["merges"] = [r for r in results["merges"] if r["method"] != "pleas-free-whole"]
+    free = findings.free_near_pleas(Summary(results))  # now only the synthesised data has both whole: -5 points
+    assert not free.holds and "(-5.0 points with both whole)" in free.verdict

@@ -118,6 +118,11 @@ class Summary:
         return next((r for r in self.results.get("merges", []) if (r["task"], r["arch"], r["method"], r["pair"]) ==
                      (task, arch, method, pair) and budget_key(r["budget"]) == budget_key(budget)), None)
 
+    def pairs(self, task: str, arch: str, method: str, budget: float | None) -> list[int]:
+        """The seed pairs on which one merge was measured, in increasing order."""
+        return sorted(r["pair"] for r in self.results.get("merges", []) if (r["task"], r["arch"], r["method"]) ==
+                      (task, arch, method) and budget_key(r["budget"]) == budget_key(budget))
+
     def pairs_mean_acc(self, task: str, arch: str, method: str, budget: float | None, pairs: list[int]) -> Stat | None:
         """Stat of one merge's mean accuracy over the seed pairs ``pairs``, or None unless all were measured."""
         found = [self.pair_merge(task, arch, method, budget, p) for p in pairs]

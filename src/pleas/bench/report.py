@@ -102,7 +102,8 @@ def _setup(results: dict) -> list[str]:
               "calibration data, or the sources' carried through the merge when the data does not match them):", ""]
     for label, method in results.get("methods", {}).items():
         options = f", options {method['options']}" if method.get("options") else ""
-        lines.append(f"- `{label}` (`method=\"{method['method']}\"`{options}): {method['text']}.")
+        pairs = f" On the first {method['pairs']} seed pair(s) only." if method.get("pairs") else ""
+        lines.append(f"- `{label}` (`method=\"{method['method']}\"`{options}): {method['text']}.{pairs}")
     lines += [
         "",
         f"**Budgets** {', '.join(f'{b:g}x' for b in config.get('budgets', []))} where a method can make them "

@@ -46,6 +46,14 @@ ABLATION_BUDGETS = (1.0, 2.0)
 SYNTHESIS_SAMPLES = 256
 SYNTHESIS_STEPS = 400
 QUICK_SYNTHESIS_STEPS = 10
+#: How many seed pairs (the first ones) the free-data variants beyond PLeaS-free run on: synthesised data
+#: (its synthesis takes about 5 min per resnet18 pair), the ablations and the merges that keep both models
+#: whole. Set by cost, to keep the full run near two hours; the report compares them with PLeaS on the same
+#: pairs.
+FREE_EXTRA_PAIRS = 1
+#: "2x, both whole": budget 2 in effective parameters, the two sources side by side (the ensemble).
+WHOLE_BUDGETS = (2.0,)
+WHOLE = {"budget_metric": "effective_params"}
 #: The (task, architecture) pairs of ``--quick``.
 QUICK_SELECTION = (("mnist-halves", "mlp"),)
 #: Batch size of the merges and of the forward floor.
@@ -73,6 +81,10 @@ class MethodSetup:
     options: dict = field(default_factory=dict, hash=False)
     calibration: str = "task"
     budgets: tuple[float, ...] | None = None
+    pairs: int | None = None
+
+    def runs_on(self, pair: int) -> bool:
+        return self.pairs is None or pair < self.pairs
 
     @property
     def uses_budget(self) -> bool:
@@ -101,13 +113,19 @@ BENCH_METHODS: dict[str, MethodSetup] = {
         MethodSetup("pleas-free", "pleas", "PLeaS calibrated on data from neither domain (the task's free data)",
                     calibration="free"),
         MethodSetup("pleas-synthetic", "pleas", "PLeaS calibrated on inputs synthesised from the sources' BatchNorm "
-                    "statistics (pleas.synthesize; no data at all)", calibration="synthetic"),
+                    "statistics (pleas.synthesize; no data at all)", calibration="synthetic", pairs=FREE_EXTRA_PAIRS),
         MethodSetup("pleas-free-norms", "pleas", "ablation: PLeaS-free with norm statistics recomputed on the free "
-                    "data (norm_stats='data')", {"norm_stats": "data"}, calibration="free", budgets=ABLATION_BUDGETS),
+                    "data (norm_stats='data')", {"norm_stats": "data"}, calibration="free", budgets=ABLATION_BUDGETS,
+                    pairs=FREE_EXTRA_PAIRS),
         MethodSetup("pleas-free-match", "pleas", "ablation: units matched on free data, refit and norm statistics on "
-                    "the task's data", calibration="free-match", budgets=ABLATION_BUDGETS),
+                    "the task's data", calibration="free-match", budgets=ABLATION_BUDGETS, pairs=FREE_EXTRA_PAIRS),
         MethodSetup("pleas-free-refit", "pleas", "ablation: units matched on the task's data, refit and norm "
-                    "statistics on free data", calibration="free-refit", budgets=ABLATION_BUDGETS),
+                    "statistics on free data", calibration="free-refit", budgets=ABLATION_BUDGETS,
+                    pairs=FREE_EXTRA_PAIRS),
+        *(MethodSetup(f"{label}-whole", "pleas", f"{name}, budget 2 in effective parameters: both models whole, "
+                      "side by side", WHOLE, calibration=calibration, budgets=WHOLE_BUDGETS, pairs=FREE_EXTRA_PAIRS)
+          for label, name, calibration in (("pleas", "PLeaS", "task"), ("pleas-free", "PLeaS-free", "free"),
+                                           ("pleas-synthetic", "PLeaS on synthesised data", "synthetic"))),
         *(MethodSetup(label, "pleas",
                       f"PLeaS, budget in effective parameters (zero blocks not counted), allocation '{allocation}'",
                       {"budget_metric": "effective_params", "allocation": allocation}, budgets=ALLOCATION_BUDGETS)
@@ -191,13 +209,17 @@ def make_config(*, tasks: list[str] | None = None, archs: list[str] | None = Non
     return BenchConfig(**values)
 
 
-def plan_merges(methods: list[str], budgets: list[float]) -> tuple[list[tuple[str, float | None]], list[dict]]:
-    """The (method label, budget) merges to run (budget None for fixed-size methods), and a record for
-    each pair left out because the method cannot make that size."""
+def plan_merges(methods: list[str], budgets: list[float],
+                pair: int | None = None) -> tuple[list[tuple[str, float | None]], list[dict]]:
+    """The (method label, budget) merges to run on seed pair ``pair`` (None: leave out no method for its
+    pairs), budget None for fixed-size methods, and a record for each pair left out because the method
+    cannot make that size."""
     runs: list[tuple[str, float | None]] = []
     skipped: list[dict] = []
     for label in methods:
         setup = BENCH_METHODS[label]
+        if pair is not None and not setup.runs_on(pair):
+            continue
         if not setup.uses_budget:
             runs.append((label, None))
             continue
@@ -271,9 +293,8 @@ def run_pair(config: BenchConfig, task_name: str, arch: str, pair: int, bar: tqd
     }
     floor = forward_floor([a.model, b.model], calibration["task"], batch_size=config.batch_size)
     records["floors"].append({**where, "seconds": floor, "samples": config.calibration})
-    synthesis = _synthesis(config, a, b, calibration, pair, bar, where)
-
-    runs, skipped = plan_merges(config.methods, config.budgets)
+    runs, skipped = plan_merges(config.methods, config.budgets, pair)
+    synthesis = _synthesis(config, [label for label, _ in runs], a, b, calibration, pair, bar, where)
     records["skipped"] += [{**where, **s} for s in skipped]
     teacher: Teacher | None = None
     for label, budget in runs:
@@ -327,10 +348,12 @@ def run_pair(config: BenchConfig, task_name: str, arch: str, pair: int, bar: tqd
 SPLIT_CALIBRATIONS = {"free-match": ("free", "task"), "free-refit": ("task", "free")}
 
 
-def _synthesis(config: BenchConfig, a, b, calibration: dict, pair: int, bar: tqdm, where: dict) -> dict:
-    """Synthesise the pair's calibration inputs (into ``calibration["synthetic"]``) when a selected method
-    calibrates on them: {"seconds": ...}, or {"error": ...} for models without BatchNorm."""
-    if not any(BENCH_METHODS[m].calibration == "synthetic" for m in config.methods):
+def _synthesis(config: BenchConfig, labels: list[str], a, b, calibration: dict, pair: int, bar: tqdm,
+               where: dict) -> dict:
+    """Synthesise the pair's calibration inputs (into ``calibration["synthetic"]``) when a method of
+    ``labels`` (the pair's merges) calibrates on them: {"seconds": ...}, or {"error": ...} for models
+    without BatchNorm."""
+    if not any(BENCH_METHODS[m].calibration == "synthetic" for m in labels):
         return {}
     from ..synthesis import synthesize
 
@@ -389,8 +412,8 @@ def speed_scaling(config: BenchConfig, log: Callable[[str], None]) -> list[dict]
 
 
 def count_merges(config: BenchConfig) -> int:
-    runs, _ = plan_merges(config.methods, config.budgets)
-    return len(runs) * config.seed_pairs * len(config.selection)
+    per_task = sum(len(plan_merges(config.methods, config.budgets, pair)[0]) for pair in range(config.seed_pairs))
+    return per_task * len(config.selection)
 
 
 def count_students(config: BenchConfig) -> int:

@@ -156,7 +156,8 @@ def run_suite(config: BenchConfig, out: str | os.PathLike, *, command: str, prog
         "meta": {"command": command, "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  "machine": machine(), "complete": False, "total_seconds": None},
         "tasks": describe_tasks(config),
-        "methods": {label: {"method": m.method, "text": m.text, "options": m.options, "calibration": m.calibration}
+        "methods": {label: {"method": m.method, "text": m.text, "options": m.options, "calibration": m.calibration,
+                            "pairs": m.pairs}
                     for label, m in BENCH_METHODS.items() if label in config.methods},
     }
 
