@@ -13,7 +13,7 @@ from torch import nn
 import pleas
 from pleas.errors import MergeInputError
 from pleas.memory import parse_bytes
-from pleas.refit.rows_solve import RowsProblem, plan_layer
+from pleas.refit.rows_solve import RowsProblem, plan_layer, row_errors
 from pleas.refit.solve import LayerStats, MaskedProblem, RefitOptions
 
 
@@ -78,6 +78,22 @@ def test_rows_dual_form_equals_the_gram_solve(rows):
     w, quad = dual.solve(lam)
     assert float((w - dense).norm() / dense.norm()) < tol
     assert quad == pytest.approx(quad_dense, rel=1e-6)
+
+
+def test_rows_held_out_error_without_a_weight_equals_the_error_of_the_solution():
+    x, y, w0, own_out, own_in = _problem(n=150)
+    x[:, 5] = 0.0  # a column the fit rows never reach (its weights stay W_0's) but held-out rows do
+    held_x, held_y = torch.randn(40, 300, generator=torch.Generator().manual_seed(7)), torch.randn(40, 40)
+    problem = RowsProblem(x, y, w0, own_out, own_in, RefitOptions())
+    error_at = problem.held_error(held_x, held_y)
+    for lam in (1e-3, 1.0, 1e3):
+        expected = row_errors(held_x, held_y)(problem.solve(lam)[0])
+        assert error_at(lam) == pytest.approx(expected, rel=1e-9)  # float64 throughout: round-off only
+    start = problem.start
+    w, _ = problem.solve(1.0, inplace=True)  # W_0 has zero blocks here: its private copy becomes W
+    assert w is start and problem.start is None
+    with pytest.raises(RuntimeError, match="solved in place already"):
+        problem.solve(1.0)
 
 
 def test_float32_gram_is_close_to_float64():

@@ -47,13 +47,15 @@ class LinearMap:
     def set_matrix(self, params: dict, w: torch.Tensor) -> None:
         """Write the (m_out, P) matrix ``w`` back into the weight and bias tensors, in place."""
         weight = params[self.weight]
-        with torch.no_grad():
+        with torch.no_grad():  # copy_ casts and follows strides itself: no temporary of the weight's size
             if self.transposed:
-                weight.copy_(w[:, : weight.shape[0]].T.to(weight.dtype))
+                weight.copy_(w[:, : weight.shape[0]].T)
+            elif weight.is_contiguous():
+                weight.view(weight.shape[0], -1).copy_(w[:, : weight[0].numel()])
             else:
-                weight.copy_(w[:, : weight[0].numel()].reshape(weight.shape).to(weight.dtype))
+                weight.copy_(w[:, : weight[0].numel()].reshape(weight.shape))
             if self.bias is not None:
-                params[self.bias].copy_(w[:, -1].to(params[self.bias].dtype))
+                params[self.bias].copy_(w[:, -1])
 
     def columns(self, params: dict) -> int:
         """P: the matrix's columns (bias included)."""

@@ -63,14 +63,17 @@ ROW_CHUNK = 512
 class RowsProblem:
     """One layer's ridge problem under the zero-block constraint, from its rows X (N, P) and targets
     Y (N, m_out): the dual-form counterpart of :class:`pleas.refit.solve.MaskedProblem`. Each row
-    pattern's kernel X_J X_J^T (float64) is formed once, so a ridge grid factors only N x N systems.
-    Weights stay in their own dtype; products with them run in float64 a few hundred rows at a time."""
+    pattern's kernel X_J X_J^T (float64) is formed once, so a ridge grid factors only N x N systems, and
+    its error on held-out rows (:meth:`held_error`) is read from N x N products without forming a weight.
+    Weights stay in their own dtype; products with them run in float64 a few hundred rows at a time. The
+    problem keeps no reference to ``w0`` unless W_0 has no zero blocks (then it is its starting point)."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, own_out: torch.Tensor,
                  own_in: torch.Tensor, opt: RefitOptions):
         m_out, p = w0.shape
-        self.w0, self.opt = w0, opt
+        self.shape, self.opt = (m_out, p), opt
         self.start, patterns = row_patterns(w0, own_out, own_in, (x != 0).any(0), opt.mask)
+        self.owns_start = self.start is not w0  # a private copy (W_0 with its zero blocks zeroed)
         self.patterns = [[rows, cols] for rows, cols in patterns if len(cols)]
         self.target_sq = float(torch.linalg.vector_norm(y, dtype=torch.float64)) ** 2
         self.count = len(x)
@@ -78,30 +81,46 @@ class RowsProblem:
         covered = torch.zeros(m_out, dtype=torch.bool)
         for rows, _ in self.patterns:
             covered[rows] = True
-        rest = (~covered).nonzero().squeeze(1)  # rows reading no seen column: their fit error stays W_0's
-        self.rest_sq = 0.0
-        if len(rest):
-            r = y.index_select(1, rest).double() - _times_t(x.double(), self.start, rest, torch.arange(p))
-            self.rest_sq = float((r * r).sum())
+        self.rest = (~covered).nonzero().squeeze(1)  # rows reading no seen column: their fit error stays W_0's
+        self.rest_sq = self._residual_sq(x.double(), y, self.rest)
         for pattern in self.patterns:
             rows, cols = pattern
             xj = x.index_select(1, cols).double() if len(cols) < p else x.double()
             resid = y.index_select(1, rows).double() - _times_t(xj, self.start, rows, cols)  # Y - X W_0^T, (N, rows)
             pattern += [xj, xj @ xj.T, resid]
 
+    def _residual_sq(self, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor) -> float:
+        """||Y[:, rows] - X start[rows]^T||^2 (x float64, every column)."""
+        if not len(rows):
+            return 0.0
+        r = y.index_select(1, rows).double() - _times_t(x, self.start, rows, torch.arange(self.shape[1]))
+        return float((r * r).sum())
+
     def scale(self) -> float:
         """trace(G) / min(P, N), as :meth:`pleas.refit.solve.LayerStats.scale`."""
-        return self.trace / max(min(self.w0.shape[1], self.count), 1)
+        return self.trace / max(min(self.shape[1], self.count), 1)
 
-    def solve(self, lam: float) -> tuple[torch.Tensor, float]:
-        """The ridge solution W (m_out, P) at strength ``lam`` and ||X W^T - Y||^2 over the rows."""
-        w = self.start.clone()
-        quad = self.rest_sq
-        for rows, cols, xj, k, resid in self.patterns:
+    def _alphas(self, lam: float):
+        """Each pattern's dual coefficients (N, rows) at strength ``lam``, with the pattern."""
+        for pattern in self.patterns:
+            k, resid = pattern[3], pattern[4]
             system = k.clone()
             system.diagonal().add_(max(lam, 1e-12 * float(k.diagonal().mean()) + 1e-300))
             chol, info = torch.linalg.cholesky_ex(system)
             alpha = torch.cholesky_solve(resid, chol) if int(info) == 0 else torch.linalg.lstsq(system, resid).solution
+            yield pattern, alpha
+
+    def solve(self, lam: float, *, inplace: bool = False) -> tuple[torch.Tensor, float]:
+        """The ridge solution W (m_out, P) at strength ``lam`` and ||X W^T - Y||^2 over the rows. With
+        ``inplace`` the problem's own copy of W_0 becomes W (no second copy of the weight); the problem
+        cannot be solved again after that."""
+        if self.start is None:
+            raise RuntimeError("this RowsProblem was solved in place already")
+        w = self.start if inplace and self.owns_start else self.start.clone()
+        if inplace:
+            self.start = None
+        quad = self.rest_sq
+        for (rows, cols, xj, k, resid), alpha in self._alphas(lam):
             whole = len(cols) == w.shape[1]
             for lo in range(0, len(rows), ROW_CHUNK):
                 r = rows[lo:lo + ROW_CHUNK]
@@ -113,6 +132,28 @@ class RowsProblem:
             after = resid - k @ alpha  # Y - X W^T over the pattern
             quad += float((after * after).sum())
         return w, quad
+
+    def held_error(self, x: torch.Tensor, y: torch.Tensor):
+        """A function of the strength giving ||X W^T - Y||^2 / ||Y||^2 on other rows (x, y) of the solution W
+        at that strength, the same as :func:`row_errors` of :meth:`solve`'s W: X W^T = X S^T + X_J X_J'^T
+        alpha per pattern (S: W_0 with its zero blocks zeroed), so only (N_held, N) products are formed."""
+        x64 = x.double()
+        total = max(float(torch.linalg.vector_norm(y, dtype=torch.float64)) ** 2, 1e-30)
+        fixed = self._residual_sq(x64, y, self.rest)
+        cross = []
+        for rows, cols, xj, _, _ in self.patterns:
+            base = y.index_select(1, rows).double() - _times_t(x64, self.start, rows, torch.arange(self.shape[1]))
+            cross.append((x64.index_select(1, cols) @ xj.T, base))  # (N_held, N), (N_held, rows)
+        del x64
+
+        def error(lam: float) -> float:
+            quad = fixed
+            for ((kh, base), (_, alpha)) in zip(cross, self._alphas(lam)):
+                r = base - kh @ alpha
+                quad += float((r * r).sum())
+            return quad / total
+
+        return error
 
 
 def _times_t(x: torch.Tensor, w: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -152,9 +193,8 @@ def solve_layer_rows(layer, x: torch.Tensor, y: torch.Tensor, params: dict, own_
     before_all = row_errors(x, y)(w0)
     if held is not None and bool(held.any()) and bool((~held).any()):
         fit = RowsProblem(x[~held], y[~held], w0, own_out, own_in, opt)
-        errors = row_errors(x[held], y[held])
-        base = errors(w0)
-        best = choose_ridge(fit.solve, errors, base, opt.ridge * fit.scale())
+        base = row_errors(x[held], y[held])(w0)
+        best = choose_ridge(fit.held_error(x[held], y[held]), base, opt.ridge * fit.scale())
         del fit
         entry.update(heldout_rows=int(held.sum()), heldout_before=base, heldout_after=best[0])
         factor = best[1]
@@ -164,7 +204,8 @@ def solve_layer_rows(layer, x: torch.Tensor, y: torch.Tensor, params: dict, own_
                      kept="its fit was worse on held-out rows")
         return entry
     problem = RowsProblem(x, y, w0, own_out, own_in, opt)
-    w, quad = problem.solve(opt.ridge * factor * problem.scale())
+    del w0  # the problem holds its own copy of it (or W_0 itself, when it has no zero blocks)
+    w, quad = problem.solve(opt.ridge * factor * problem.scale(), inplace=True)
     layer.set_matrix(params, w)
     entry.update(error_before=before_all, error_after=max(quad, 0.0) / max(problem.target_sq, 1e-30),
                  ridge=opt.ridge * factor)

@@ -264,13 +264,13 @@ def masked_solve(st: LayerStats, w0: torch.Tensor, own_out: torch.Tensor, own_in
     return MaskedProblem(st, w0, own_out, own_in, opt).solve(lam)
 
 
-def choose_ridge(solve, error, base: float, strength: float) -> tuple[float, float | None]:
-    """The :data:`RIDGE_GRID` factor whose solution ``solve(strength * factor)`` (a weight, and anything)
-    has the least held-out ``error``, with that error; (``base``, None) when none beats ``base`` (the
+def choose_ridge(error_at, base: float, strength: float) -> tuple[float, float | None]:
+    """The :data:`RIDGE_GRID` factor whose solution at ``strength * factor`` has the least held-out error
+    ``error_at(strength * factor)``, with that error; (``base``, None) when none beats ``base`` (the
     partial-merge weights' error). Stops past the best factor: larger ones only move back toward W_0."""
     best, previous = (base, None), None
     for f in RIDGE_GRID:
-        e = error(solve(strength * f)[0])
+        e = error_at(strength * f)
         if e < best[0]:
             best = (e, f)
         if previous is not None and e > previous:
@@ -299,7 +299,8 @@ def solve_layer(layer, st: LayerStats, params: dict, own_out: torch.Tensor, own_
     if held is not None and held.count and exact and held.target_sq > 0:
         base = held.initial_error() if held.initial is not None else held.error(w0)
         problem = MaskedProblem(st, w0, own_out, own_in, opt)
-        best = choose_ridge(problem.solve, held.errors(), base, opt.ridge * st.scale())
+        errors = held.errors()
+        best = choose_ridge(lambda lam: errors(problem.solve(lam)[0]), base, opt.ridge * st.scale())
         del problem
         st.absorb(held)
         entry.update(heldout_rows=held.count, heldout_before=base, heldout_after=best[0])
