@@ -15,23 +15,29 @@ from .layers import RefitLayer, row_limit
 from .rows import merged_rows
 from .rows_solve import plan_layer, solve_bytes, solve_layer_rows
 from .solve import LayerStats, RefitOptions, solve_layer
+from .stream import partners, rows_of
 
 class TargetSampler:
     """Seeded samples of every layer's output in each source model, batch by batch: the propagated
     refit's targets. An observer of :func:`pleas.statistics.source_pass`, so the samples can be taken in
     a pass over the sources that happens anyway (the matching's), before the merge maps exist; they are
     combined into the merged layout only when used. ``columns`` sets each layer's samples per batch
-    (``oversample`` per weight column of the merged layer)."""
+    (``oversample`` per weight column of the merged layer). ``stream`` ({weight: node}, with
+    ``targets="stream"``): the node each map's output is added to in a residual stream, sampled at the same
+    rows (:mod:`.stream`)."""
 
-    def __init__(self, layers: list, columns: dict[str, int], options: RefitOptions, n_batches: int):
+    def __init__(self, layers: list, columns: dict[str, int], options: RefitOptions, n_batches: int,
+                 stream: dict[str, str] | None = None):
         self.layers = layers  # the sources' LinearMaps
-        self.nodes = sorted({layer.out_node for layer in layers})
+        self.stream = dict(stream or {})
+        self.nodes = sorted({layer.out_node for layer in layers} | set(self.stream.values()))
         self.limits = {layer.weight: row_limit(columns[layer.weight], options.oversample, options.min_rows, n_batches)
                        for layer in layers}
         self.seed = options.seed
         self.picks: dict[str, list] = {layer.weight: [] for layer in layers}
         self.shapes: dict[str, list] = {layer.weight: [] for layer in layers}  # output shape of every batch
         self.rows: dict[str, list] = {layer.weight: [] for layer in layers}
+        self.partner_rows: dict[str, list] = {weight: [] for weight in self.stream}
         self.batches = 0
 
     @classmethod
@@ -43,7 +49,8 @@ class TargetSampler:
         params = graph.program.gm.state_dict()
         grow = min(max(budget, 1.0), 2.0)
         columns = {layer.weight: math.ceil(layer.columns(params) * grow) for layer in graph.layers}
-        return cls(list(graph.layers), columns, options, n_batches)
+        stream = partners(graph.program, graph.layers) if options.targets == "stream" else None
+        return cls(list(graph.layers), columns, options, n_batches, stream)
 
     def update(self, taps: list[dict], index: int = 0) -> None:
         self.batches += 1
@@ -54,6 +61,14 @@ class TargetSampler:
             self.picks[layer.weight].append(pick)
             self.shapes[layer.weight].append(tuple(ys[0].shape))
             self.rows[layer.weight].append([layer.output_rows(y, pick) for y in ys])
+            partner = self.stream.get(layer.weight)
+            if partner is not None:
+                found = [rows_of(t[partner], y.shape[-1], pick) if t[partner].numel() == y.numel() else None
+                         for t, y in zip(taps, ys)]
+                if any(r is None for r in found):  # not a residual stream after all (a broadcast add)
+                    del self.stream[layer.weight], self.partner_rows[layer.weight]
+                else:
+                    self.partner_rows[layer.weight].append(found)
 
     def take(self, layer: RefitLayer, maps: dict[str, GroupMap], sizes: list[int]) -> tuple[list, torch.Tensor, torch.Tensor]:
         """The picks of ``layer`` for the first ``len(sizes)`` batches (of ``sizes`` inputs each), the
@@ -68,6 +83,14 @@ class TargetSampler:
                             for shape, pick, size, offset in zip(shapes, picks, sizes, offsets)])
         per_model = [torch.cat(r) for r in zip(*rows)]
         return picks, layer.targets(per_model, maps), images
+
+    def take_stream(self, layer: RefitLayer, maps: dict[str, GroupMap], n: int) -> torch.Tensor | None:
+        """The combined rows of the node ``layer``'s output is added to, at the same samples as
+        :meth:`take`'s targets (the first ``n`` batches), or None for a map that writes into no stream."""
+        found = self.partner_rows.pop(layer.source.weight, None)
+        if found is None or len(found) < n:
+            return None
+        return layer.targets([torch.cat(r) for r in zip(*found[:n])], maps)
 
 
 def refit_propagated(sources: list[Program], merged: Program, layers: list[RefitLayer], norms: list,
@@ -86,10 +109,13 @@ def refit_propagated(sources: list[Program], merged: Program, layers: list[Refit
     batches = fitting_batches(merged, batches, options.max_frontier_bytes)
     if samples is None:
         columns = {layer.source.weight: layer.merged.columns(params) for layer in layers}
-        samples = TargetSampler([layer.source for layer in layers], columns, options,
-                                distributed.offset_and_total(len(batches))[1])
+        sources_graph = [layer.source for layer in layers]
+        stream = partners(sources[0], sources_graph) if options.targets == "stream" else None
+        samples = TargetSampler(sources_graph, columns, options, distributed.offset_and_total(len(batches))[1],
+                                stream)
         source_pass(sources, batches, [samples], progress=options.progress, desc="least-squares targets")
     by_node = {layer.merged.out_node: layer for layer in layers}
+    merged_partners = partners(merged, [layer.merged for layer in layers]) if options.targets == "stream" else {}
     norms_at = {norm.node: norm for norm in norms} if options.reset_norms else {}
     nodes = merged.nodes
     position = {n.name: i for i, n in enumerate(nodes)}
@@ -110,6 +136,8 @@ def refit_propagated(sources: list[Program], merged: Program, layers: list[Refit
                 xs = walk.values(layer.merged.in_node)
                 reachable = layer.merged.reachable_columns(tuple(xs[0].shape), layer.merged.bias is not None)
                 picks, yr, images = samples.take(layer, maps, sizes)
+                yr = _stream_targets(layer, yr, samples.take_stream(layer, maps, len(sizes)),
+                                     merged_partners.get(layer.merged.weight), walk, picks, position[node.name], position)
                 xr, yr, blocks, order = merged_rows(layer, xs, picks, yr)
                 own_out, own_in = layer.owners(params, maps, len(sources))
                 columns = layer.merged.columns(params) if reachable is None else len(reachable)
@@ -155,6 +183,19 @@ def refit_propagated(sources: list[Program], merged: Program, layers: list[Refit
     bar.close()
     warn_sparse(sparse, len(layers), total)
     return entries
+
+
+def _stream_targets(layer: RefitLayer, y: torch.Tensor, sources: torch.Tensor | None, partner: str | None,
+                    walk: Walk, picks: list, here: int, position: dict) -> torch.Tensor:
+    """With ``targets="stream"``: the targets of a map that writes into a residual stream made the stream's
+    (its sources' output plus their stream before the add, minus the merged model's stream before the add,
+    at the same samples), when the merged model's stream before the add is computed before the map."""
+    if sources is None or partner is None or position.get(partner, here) >= here:
+        return y
+    merged = [rows_of(v, y.shape[1], pick) for v, pick in zip(walk.values(partner), picks)]
+    if any(r is None for r in merged):
+        return y
+    return y + (sources - torch.cat(merged).to(sources.dtype)).to(y.dtype)
 
 
 #: A layer with fewer samples than this per column it can read chooses its ridge on held-out rows. Measured

@@ -52,6 +52,9 @@ class RefitOptions:
     #: "auto" (by ``max_solve_bytes``), or force "dense" (float64 Gram), "rows" (dual form) or "float32"
     solver: str = "auto"
     reset_norms: bool = True  # set the norms' statistics on the merged model's own activations
+    #: what a map that writes into a residual stream is fitted to: "output" (its sources' outputs) or
+    #: "stream" (the sources' stream after the add, given the merged model's stream before it; :mod:`.stream`)
+    targets: str = "stream"
     progress: bool = True
 
 
