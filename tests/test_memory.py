@@ -48,6 +48,23 @@ def test_too_small_max_memory_fails_before_any_statistics(monkeypatch):
         pleas.merge(_wide(0), _wide(1), torch.randn(64, 16), max_memory="10MB", progress=False)
 
 
+def _deep(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(*(m for _ in range(6) for m in (nn.Linear(64, 64), nn.ReLU())), nn.Linear(64, 4))
+
+
+def test_streaming_is_offered_when_the_targets_do_not_fit_and_counts_two_layers_of_them():
+    x = torch.randn(512, 64)
+    held = pleas.estimate_memory(_deep(0), _deep(1), x)
+    streamed = pleas.estimate_memory(_deep(0), _deep(1), x, streaming=True)
+    assert streamed.streaming and not held.streaming
+    # six 64-wide layers' targets (and a 4-wide one) held at once, against two of them
+    assert streamed.targets * 3 == pytest.approx(held.targets, rel=0.05)
+    x = torch.randn(512, 16)
+    with pytest.raises(MergeInputError, match=r"What would fit: streaming=True \(pleas option"):
+        pleas.merge(_wide(0), _wide(1), x, max_memory="10MB", progress=False)
+
+
 def _problem(seed=0, n=120, p=300, m=40):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, p, generator=gen)

@@ -57,3 +57,39 @@ def test_a_model_merged_with_a_permuted_copy_of_itself_comes_back_with_stream_ta
         merged = pleas.merge(a, b, x, method="pleas", targets="stream", progress=False).model
     with torch.no_grad():
         assert_close(merged(x[:4]).logits, a(x[:4]).logits, rel=1e-3)
+
+
+def _toy_cnn():
+    from torch import nn
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                         nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).eval()
+
+
+@pytest.mark.parametrize("factory,budget", [(_gpt2, 1.0), (_llama, 1.5), (_toy_cnn, 1.5)])
+def test_streamed_targets_give_the_same_merge_and_hold_few_layers_at_once(factory, budget, monkeypatch):
+    from pleas.refit import propagated
+
+    torch.manual_seed(0)
+    a, b = factory(), factory()
+    x = _ids() if factory is not _toy_cnn else torch.randn(48, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    held = []
+    take = propagated.StreamedTargets.take
+
+    def counting(self, layer, maps, sizes):
+        out = take(self, layer, maps, sizes)
+        held.append(sum(1 for rows in self.sampler.rows.values() if rows))  # layers whose samples wait
+        return out
+
+    monkeypatch.setattr(propagated.StreamedTargets, "take", counting)
+    merged, refitted = {}, None
+    for streaming in (False, True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = pleas.merge(a, b, x, method="pleas", budget=budget, batch_size=16, streaming=streaming,
+                                 progress=False)
+        merged[streaming], refitted = result.model.state_dict(), len(result.report["refit"])
+    for key, value in merged[False].items():
+        if value.is_floating_point():  # the same draws and the same products: equal up to round-off
+            assert_close(merged[True][key], value, rel=1e-6)
+    # every layer was taken from the walk, and while one was refitted at most the next few waited
+    assert len(held) == refitted >= 3 and max(held) <= 2

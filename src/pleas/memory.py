@@ -94,11 +94,12 @@ class MemoryEstimate:
     peak: int
     limit: int | None = None
     layers: list = field(default_factory=list, repr=False)
+    streaming: bool = False  # the refit's targets taken while it runs (pleas option ``streaming``)
 
     def report(self) -> dict:
         return {"estimated_peak": self.peak, "max_memory": self.limit, "resident_at_start": self.resident,
                 "merged_weights": self.merged, "moments": self.moments, "refit_targets": self.targets,
-                "frontier": self.frontier, "largest_layer": self.layer}
+                "frontier": self.frontier, "largest_layer": self.layer, "streaming": self.streaming}
 
 
 def _shapes(setup) -> dict[str, tuple]:
@@ -157,6 +158,8 @@ def estimate_memory(setup, method, limit: int | None = None) -> MemoryEstimate:
     samples = setup.data.samples()
     n_batches = max(len(setup.batches), 1)
     targets, layers, frontier = 0, [], 0
+    streaming = refits and bool(getattr(method, "opts", {}).get("streaming"))
+    per_layer = []  # each layer's targets (streaming holds about two layers' at once: the two largest)
     plan = []
     if refits or name == "regmean":
         for layer in setup.graph.layers:
@@ -167,14 +170,17 @@ def estimate_memory(setup, method, limit: int | None = None) -> MemoryEstimate:
             m = math.ceil(m_out * scale) if refits else 0
             positions = _positions(shapes.get(layer.out_node, (1, m_out)), m_out) * samples
             rows = min(row_limit(p, 4, 4096, n_batches) * n_batches, positions)
-            targets += 4 * rows * m_out * setup.n if refits else 0
+            per_layer.append(4 * rows * m_out * setup.n if refits else 0)
             plan.append((layer.name, p, m, rows))
+        targets = sum(sorted(per_layer)[-2:]) if streaming else sum(per_layer)
     if refits:
         from .capture.program import Walk, _head
 
         probe = _head(setup.batches[0], 2)
         per_sample = Walk(setup.programs[0], [probe]).peak_live_bytes() / 2
         frontier = int(min(per_sample * scale * samples, 4 << 30))
+        if streaming:  # the sources walk beside the merged model
+            frontier += int(min(per_sample * samples, 4 << 30)) * setup.n
     held = resident + build + targets + frontier + OVERHEAD
     budget = None if limit is None else max(limit - held, 0)
     forced = getattr(method, "opts", {}).get("solver", "auto")
@@ -193,10 +199,11 @@ def estimate_memory(setup, method, limit: int | None = None) -> MemoryEstimate:
         peak = resident + build + solve + OVERHEAD
     else:
         solve = layer.get("bytes", 0)
-        # the moments and targets are held through the matching; targets, frontier and a layer's solve
-        # during the refit (after the merged model is built)
-        peak = resident + max(moments + targets, build + targets + frontier + solve) + OVERHEAD
-    out = MemoryEstimate(resident, merged, build, moments, targets, frontier, layer, int(peak), limit, layers)
+        # the moments and targets are held through the matching (streamed targets: taken in the refit);
+        # targets, frontier and a layer's solve during the refit (after the merged model is built)
+        peak = resident + max(moments + (0 if streaming else targets), build + targets + frontier + solve) + OVERHEAD
+    out = MemoryEstimate(resident, merged, build, moments, targets, frontier, layer, int(peak), limit, layers,
+                         streaming)
     out.solve_budget = budget
     return out
 
@@ -222,5 +229,8 @@ def check_memory(estimate: MemoryEstimate, limit: int, method_name: str, given: 
              f"{fmt_bytes(estimate.peak)}"]
     if layer and layer.get("solver") == "dense":
         fits.insert(0, "solver='float32' or solver='rows' (pleas option)")
+    if method_name == "pleas" and not estimate.streaming and estimate.targets:
+        fits.insert(0, "streaming=True (pleas option: the refit's targets taken while it runs, about two layers' "
+                       "at a time instead of every layer's)")
     raise MergeInputError(f"the {method_name} merge is estimated to peak at {fmt_bytes(estimate.peak)}, above "
                           f"{what} {fmt_bytes(limit)} ({parts}{largest}). What would fit: " + "; ".join(fits))

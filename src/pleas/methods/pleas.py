@@ -57,6 +57,9 @@ class PLeaS(Method):
                "dropout only) is fitted to: the 'stream' after the add, which also corrects the error the merged "
                "stream carries from earlier layers (measured 0.03-0.10 bits per byte better on the benchmark's "
                "LMs at every budget), or its sources' 'output'", choices=("stream", "output")),
+        Option("streaming", bool, False, "take the refit's targets while it runs, from the sources walked beside "
+               "the merged model, instead of holding every layer's from the matching's pass: less memory where "
+               "the targets are large (language models), the same merged weights, one more pass of the sources"),
         Option("fold_bn", bool, False, "fold BatchNorm into the map before it, so the refit fits normalised "
                "pre-activations (no statistics reset then)"),
     )
@@ -67,7 +70,7 @@ class PLeaS(Method):
                             method=o["refit"], inputs=o["inputs"], adam_steps=o["adam_steps"], adam_lr=o["adam_lr"],
                             seed=setup.seed, reset_norms=reset and not o["fold_bn"],
                             progress=setup.progress, solver=o["solver"], max_solve_bytes=setup.max_solve_bytes,
-                            targets=o["targets"])
+                            targets=o["targets"], streaming=o["streaming"])
 
     def run(self, setup):
         if not self.opts["mask"] and setup.effective_budget and setup.budget != 1.0:
@@ -80,8 +83,9 @@ class PLeaS(Method):
         options = self.refit_options(setup)
         sampler = stages.target_sampler(setup, options) if options.inputs == "propagated" else None
         observer = stages.norm_observer(setup, refitted=True)
+        riding = (observer,) if options.streaming else (sampler, observer)  # streamed targets: taken in the refit
         maps, allocation = aligned_partial_merge(setup, self.opts["allocation"], self.opts["merge_counts"],
-                                                 observers=tuple(o for o in (sampler, observer) if o))
+                                                 observers=tuple(o for o in riding if o))
         norms = stages.norm_decision(setup, observer, refitted=True)
         options = self.refit_options(setup, reset=norms["norm_stats"] == "data")
         built = stages.build(setup, maps)

@@ -239,7 +239,7 @@ def refit(setup: MergeSetup, built: Built, options: RefitOptions, sampler: Targe
     layers = refit_layers(setup.graph, graph, setup.merged_spec, built.target)
     params = built.tensors(setup)
     if options.inputs == "propagated":
-        if sampler is not None and not sampler.batches:
+        if sampler is not None and not sampler.batches and not options.streaming:
             sampler = None  # no pass over the sources ran with it
         return refit_propagated(setup.programs, graph.program, layers, graph.norms, built.maps, setup.batches,
                                 params, options, sampler)

@@ -56,19 +56,24 @@ class TargetSampler:
         self.batches += 1
         gen = distributed.batch_generator(self.seed, index)
         for layer in self.layers:
-            ys = [t[layer.out_node] for t in taps]
-            pick = layer.pick(tuple(ys[0].shape), self.limits[layer.weight], gen)
-            self.picks[layer.weight].append(pick)
-            self.shapes[layer.weight].append(tuple(ys[0].shape))
-            self.rows[layer.weight].append([layer.output_rows(y, pick) for y in ys])
-            partner = self.stream.get(layer.weight)
-            if partner is not None:
-                found = [rows_of(t[partner], y.shape[-1], pick) if t[partner].numel() == y.numel() else None
-                         for t, y in zip(taps, ys)]
-                if any(r is None for r in found):  # not a residual stream after all (a broadcast add)
-                    del self.stream[layer.weight], self.partner_rows[layer.weight]
-                else:
-                    self.partner_rows[layer.weight].append(found)
+            self.sample(layer, taps, gen)
+
+    def sample(self, layer, taps: list[dict], gen: torch.Generator) -> None:
+        """Draw one batch's samples of one source layer (``taps[i]``: model i's values of the batch) from
+        ``gen``, the batch's generator: layers draw from it in the order of :attr:`layers`."""
+        ys = [t[layer.out_node] for t in taps]
+        pick = layer.pick(tuple(ys[0].shape), self.limits[layer.weight], gen)
+        self.picks[layer.weight].append(pick)
+        self.shapes[layer.weight].append(tuple(ys[0].shape))
+        self.rows[layer.weight].append([layer.output_rows(y, pick) for y in ys])
+        partner = self.stream.get(layer.weight)
+        if partner is not None:
+            found = [rows_of(t[partner], y.shape[-1], pick) if t[partner].numel() == y.numel() else None
+                     for t, y in zip(taps, ys)]
+            if any(r is None for r in found):  # not a residual stream after all (a broadcast add)
+                del self.stream[layer.weight], self.partner_rows[layer.weight]
+            else:
+                self.partner_rows[layer.weight].append(found)
 
     def take(self, layer: RefitLayer, maps: dict[str, GroupMap], sizes: list[int]) -> tuple[list, torch.Tensor, torch.Tensor]:
         """The picks of ``layer`` for the first ``len(sizes)`` batches (of ``sizes`` inputs each), the
@@ -93,6 +98,70 @@ class TargetSampler:
         return layer.targets([torch.cat(r) for r in zip(*found[:n])], maps)
 
 
+class StreamedTargets:
+    """A :class:`TargetSampler` fed while the refit runs (``streaming=True``): the sources walk node by node
+    over the refit's batches, just ahead of the merged model, and each layer's samples are drawn once its
+    output exists and dropped when the layer has been refitted. The draws are the sampler's own, batch by
+    batch in the same order, so the targets, and the merged weights, are those of a sampler fed by the
+    matching's pass; but only the layers between the merged model and the sources are held at once,
+    instead of every layer's targets. The price: the sources run once more."""
+
+    def __init__(self, sampler: TargetSampler, sources: list[Program], batches: list, offset: int):
+        self.sampler = sampler
+        self.walks = [Walk(program, batches, keep=set(sampler.nodes)) for program in sources]
+        self.nodes = [n for n in sources[0].nodes if n.op != "output"]
+        self.cursor = 0
+        self.gens = [distributed.batch_generator(sampler.seed, offset + i) for i in range(len(batches))]
+        self.next = 0  # the next layer of ``sampler.layers`` to draw
+        uses: dict[str, int] = {}
+        for layer in sampler.layers:
+            for name in (layer.out_node, sampler.stream.get(layer.weight)):
+                if name is not None:
+                    uses[name] = uses.get(name, 0) + 1
+        self.uses = uses  # kept values still to be read, by node
+        sampler.batches = len(batches)
+
+    def _ready(self, name: str | None) -> bool:
+        return name is None or name in self.walks[0].kept[0]
+
+    def _draw(self) -> None:
+        """Draw every layer, in the sampler's order, whose output (and stream partner) the walks computed."""
+        sampler = self.sampler
+        while self.next < len(sampler.layers):
+            layer = sampler.layers[self.next]
+            partner = sampler.stream.get(layer.weight)
+            if not (self._ready(layer.out_node) and self._ready(partner)):
+                return
+            for b, gen in enumerate(self.gens):
+                sampler.sample(layer, [walk.kept[b] for walk in self.walks], gen)
+            for name in (layer.out_node, partner):
+                if name is not None:
+                    self.uses[name] -= 1
+                    if not self.uses[name]:
+                        for walk in self.walks:
+                            for kept in walk.kept:
+                                kept.pop(name, None)
+            self.next += 1
+
+    def _through(self, layer: RefitLayer) -> None:
+        """Walk the sources until ``layer``'s samples are drawn."""
+        drawn = lambda: layer.source.weight not in self.sampler.rows or self.sampler.rows[layer.source.weight]  # noqa: E731
+        self._draw()
+        while not drawn() and self.cursor < len(self.nodes):
+            node = self.nodes[self.cursor]
+            self.cursor += 1
+            for walk in self.walks:
+                walk.advance(node)
+            self._draw()
+
+    def take(self, layer: RefitLayer, maps: dict[str, GroupMap], sizes: list[int]):
+        self._through(layer)
+        return self.sampler.take(layer, maps, sizes)
+
+    def take_stream(self, layer: RefitLayer, maps: dict[str, GroupMap], n: int):
+        return self.sampler.take_stream(layer, maps, n)
+
+
 def refit_propagated(sources: list[Program], merged: Program, layers: list[RefitLayer], norms: list,
                      maps: dict[str, GroupMap], batches: list, params: dict, options: RefitOptions,
                      samples: TargetSampler | None = None) -> list[dict]:
@@ -106,14 +175,17 @@ def refit_propagated(sources: list[Program], merged: Program, layers: list[Refit
     refitted when the walk reaches it, from the inputs the refitted layers before it produced, and a norm
     takes the exact statistics of its inputs before it normalises them. One pass of the sources and one
     of the merged model, whatever the depth."""
+    offset, total_batches = distributed.offset_and_total(len(batches))  # over every rank's batches
     batches = fitting_batches(merged, batches, options.max_frontier_bytes)
     if samples is None:
         columns = {layer.source.weight: layer.merged.columns(params) for layer in layers}
         sources_graph = [layer.source for layer in layers]
         stream = partners(sources[0], sources_graph) if options.targets == "stream" else None
-        samples = TargetSampler(sources_graph, columns, options, distributed.offset_and_total(len(batches))[1],
-                                stream)
-        source_pass(sources, batches, [samples], progress=options.progress, desc="least-squares targets")
+        samples = TargetSampler(sources_graph, columns, options, total_batches, stream)
+        if not options.streaming:
+            source_pass(sources, batches, [samples], progress=options.progress, desc="least-squares targets")
+    if options.streaming:
+        samples = StreamedTargets(samples, sources, batches, offset)
     by_node = {layer.merged.out_node: layer for layer in layers}
     merged_partners = partners(merged, [layer.merged for layer in layers]) if options.targets == "stream" else {}
     norms_at = {norm.node: norm for norm in norms} if options.reset_norms else {}

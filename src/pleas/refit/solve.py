@@ -55,6 +55,9 @@ class RefitOptions:
     #: what a map that writes into a residual stream is fitted to: "output" (its sources' outputs) or
     #: "stream" (the sources' stream after the add, given the merged model's stream before it; :mod:`.stream`)
     targets: str = "stream"
+    #: take the refit's targets while it runs, from the sources walked alongside the merged model, instead
+    #: of holding every layer's from the matching's pass (:class:`pleas.refit.propagated.StreamedTargets`)
+    streaming: bool = False
     progress: bool = True
 
 
