@@ -3,8 +3,9 @@ spec (:func:`estimate_memory`), the bound it must respect (``max_memory``, defau
 memory), and per layer the solver that keeps the refit under it (:mod:`pleas.refit.rows_solve`).
 
 The estimate adds to the process's resident memory when the merge starts (the caller's models, the
-setup's private copies) what the merge will hold at once: the merged model and the template copied to
-build it, the matching's moments of every group, the refit's sampled targets of every layer, the
+setup's private copies) what the merge will hold at once: the merged model (its template is copied without
+weights), the matching's moments of every group, the refit's sampled targets of every layer (of two layers
+with ``streaming``; then the sources' activations too), the
 propagated refit's activation frontier, and the largest single layer's solve (its rows and, by the
 solver chosen for it, its Gram or its dual system). docs/memory.md compares it with measured peaks.
 """
@@ -143,8 +144,7 @@ def estimate_memory(setup, method, limit: int | None = None) -> MemoryEstimate:
     scale = _scale(setup, method)
     widths = {g.name: min(math.ceil(g.width * scale), setup.n * g.width) for g in setup.spec}
     merged = setup.size(widths, "params") * itemsize
-    one = sum(t.numel() * t.element_size() for t in setup.models[0].state_dict().values())
-    build = merged + one  # the template copied to receive the merged tensors
+    build = merged  # the template is copied without its weights (rewrite.rebuild)
     name = getattr(method, "name", "")
     refits = name == "pleas"
     matches = name in ("pleas", "rebasin", "zipit") and setup.matching == "activation" or name == "zipit"

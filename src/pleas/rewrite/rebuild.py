@@ -37,7 +37,7 @@ def build_model(template: nn.Module, state_dict: dict[str, torch.Tensor], *, tak
             f"state dict does not fit {type(template).__name__}: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )
-    model = copy.deepcopy(template)
+    model = copy.deepcopy(template, _placeholders(template))  # every state-dict tensor is replaced below
     resized: dict[str, nn.Module] = {}
     placed: dict[int, torch.Tensor] = {}  # the template's tensor -> its replacement (tied tensors stay tied)
     originals = {name: t for name, t in template.state_dict(keep_vars=True).items()}
@@ -57,7 +57,7 @@ def build_model(template: nn.Module, state_dict: dict[str, torch.Tensor], *, tak
             module._parameters[attr] = new
         else:
             module._buffers[attr] = new
-        if tuple(old.shape) != tuple(tensor.shape):
+        if tuple(originals[name].shape) != tuple(tensor.shape):
             resized[path] = module
     for path, module in _with_parents(model, resized).items():
         resize = find_resizer(module)
@@ -67,6 +67,18 @@ def build_model(template: nn.Module, state_dict: dict[str, torch.Tensor], *, tak
             except ValueError as exc:
                 raise SpecError(f"cannot resize module {path!r}: {exc}") from exc
     return model
+
+
+def _placeholders(template: nn.Module) -> dict[int, torch.Tensor]:
+    """A ``copy.deepcopy`` memo giving each state-dict tensor of ``template`` an empty stand-in of its dtype
+    (a Parameter for a Parameter; tied tensors share one): the copy gets the template's modules without a
+    second copy of its weights, all of which :func:`build_model` replaces."""
+    memo: dict[int, torch.Tensor] = {}
+    for t in template.state_dict(keep_vars=True).values():
+        if id(t) not in memo:
+            empty = torch.empty(0, dtype=t.dtype, device=t.device)
+            memo[id(t)] = nn.Parameter(empty, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else empty
+    return memo
 
 
 def _with_parents(model: nn.Module, resized: dict[str, nn.Module]) -> dict[str, nn.Module]:
