@@ -103,14 +103,19 @@ class MemoryEstimate:
                 "frontier": self.frontier, "largest_layer": self.layer, "streaming": self.streaming}
 
 
-def _shapes(setup) -> dict[str, tuple]:
-    """Every linear map's input and output shape per sample (one sample through model 0's capture)."""
+def _shapes(setup) -> tuple[dict[str, tuple], int]:
+    """Every linear map's input and output shape per sample (one sample through model 0's capture), and
+    the bytes per sample of every value a pass over the sources taps at once (the groups' sites and the
+    maps' outputs), which a statistics pass holds for a whole batch of every model."""
     from .capture.program import _head
 
-    nodes = sorted({n for layer in setup.graph.layers for n in (layer.in_node, layer.out_node)})
+    nodes = {n for layer in setup.graph.layers for n in (layer.in_node, layer.out_node)}
+    sites = {site.node for g in setup.spec for site in g.sites}
     with torch.no_grad():
-        taps = setup.programs[0].run(_head(setup.batches[0], 1), nodes)[1]
-    return {n: tuple(t.shape) for n, t in taps.items() if isinstance(t, torch.Tensor)}
+        taps = setup.programs[0].run(_head(setup.batches[0], 1), sorted(nodes | sites))[1]
+    tapped = sum(t.numel() * t.element_size() for n, t in taps.items()
+                 if isinstance(t, torch.Tensor) and (n in sites or n in nodes))
+    return {n: tuple(t.shape) for n, t in taps.items() if isinstance(t, torch.Tensor) and n in nodes}, tapped
 
 
 def _positions(shape: tuple, units: int) -> int:
@@ -154,9 +159,10 @@ def estimate_memory(setup, method, limit: int | None = None) -> MemoryEstimate:
         for g in setup.spec:
             moments += 8 * ((setup.n * g.width) ** 2 if full or setup.n > 2 else g.width ** 2 + 4 * g.width)
     params = setup.models[0].state_dict()
-    shapes = _shapes(setup) if (refits or name == "regmean") else {}
+    shapes, tapped = _shapes(setup) if (refits or matches or name == "regmean") else ({}, 0)
     samples = setup.data.samples()
     n_batches = max(len(setup.batches), 1)
+    taps = tapped * setup.n * min(samples, max(math.ceil(samples / n_batches), 1))  # one batch of every model
     targets, layers, frontier = 0, [], 0
     streaming = refits and bool(getattr(method, "opts", {}).get("streaming"))
     per_layer = []  # each layer's targets (streaming holds about two layers' at once: the two largest)
@@ -201,7 +207,8 @@ def estimate_memory(setup, method, limit: int | None = None) -> MemoryEstimate:
         solve = layer.get("bytes", 0)
         # the moments and targets are held through the matching (streamed targets: taken in the refit);
         # targets, frontier and a layer's solve during the refit (after the merged model is built)
-        peak = resident + max(moments + (0 if streaming else targets), build + targets + frontier + solve) + OVERHEAD
+        peak = resident + max(moments + taps + (0 if streaming else targets),
+                              build + targets + frontier + solve) + OVERHEAD
     out = MemoryEstimate(resident, merged, build, moments, targets, frontier, layer, int(peak), limit, layers,
                          streaming)
     out.solve_budget = budget
