@@ -18,7 +18,13 @@ BATCH = 16
 #: fewer samples than columns from its rows in one process but from a Gram (a sum over the ranks) in
 #: several: the one-process merge is asked for the Gram too (the two agree to about 1e-8 relative,
 #: tests/test_memory.py).
-CASES = (("pleas", 1.5, {"solver": "dense"}), ("regmean", 1.0, {}), ("zipit", 1.5, {}))
+CASES = (("pleas", 1.5, {"solver": "dense"}), ("pleas", 1.5, {"solver": "dense", "streaming": True}),
+         ("regmean", 1.0, {}), ("zipit", 1.5, {}))
+
+
+def label(method: str, options: dict) -> str:
+    """A case's name (its saved files')."""
+    return method + ("-streaming" if options.get("streaming") else "")
 
 
 def models(seed_b: int = 1) -> list:
@@ -51,7 +57,7 @@ def merge_shards(out_dir: str) -> None:
         result = merge(method, budget, x, **options)
         torch.save({"state": result.model.state_dict(), "report": {k: result.report[k] for k in
                     ("calibration_samples", "processes", "norm_stats")}},
-                   Path(out_dir) / f"{method}-rank{rank}.pt")
+                   Path(out_dir) / f"{label(method, options)}-rank{rank}.pt")
 
 
 def faulty(out_dir: str, fault: str) -> None:

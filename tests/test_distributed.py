@@ -35,7 +35,7 @@ def test_two_ranks_give_the_one_process_merge(two_ranks, method, budget, options
     one = worker.merge(method, budget, worker.data(), **options)
     want = one.model.state_dict()
     for rank in (0, 1):
-        saved = torch.load(two_ranks / f"{method}-rank{rank}.pt", weights_only=False)
+        saved = torch.load(two_ranks / f"{worker.label(method, options)}-rank{rank}.pt", weights_only=False)
         got = saved["state"]
         assert got.keys() == want.keys()
         for k, v in want.items():
