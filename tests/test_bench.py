@@ -317,3 +317,12 @@ def test_free_finding_compares_on_the_variants_own_pairs_and_checks_both_whole()
     results["merges"] = [r for r in results["merges"] if r["method"] != "pleas-free-whole"]
     free = findings.free_near_pleas(Summary(results))  # now only the synthesised data has both whole: -5 points
     assert not free.holds and "(-5.0 points with both whole)" in free.verdict
+
+
+def test_a_failing_free_finding_names_the_stage_the_loss_follows():
+    ablations = {("pleas-free-match", 1.0): 0.80, ("pleas-free-refit", 1.0): 0.60, ("pleas-free-norms", 1.0): 0.50,
+                 ("pleas-free", 1.0): 0.61}
+    free = findings.free_near_pleas(Summary(_results({**GOOD, **ablations})))
+    # the norms' ablation changes every stage's data, so only the one-stage ablations are ranked
+    assert not free.holds
+    assert "the loss follows the refit on free data (-21.0 at 1x; matching on free data -1.0)" in free.table

@@ -146,6 +146,9 @@ def gap_closed(s: Summary) -> Finding:
 FREE_VARIANTS = {"pleas-free": "other data", "pleas-synthetic": "synthesised"}
 FREE_ABLATIONS = {"pleas-free-norms": "norm statistics from free data", "pleas-free-match": "matching on free data",
                   "pleas-free-refit": "refit on free data"}
+#: The ablations that give one stage free data and the others the task's (the norm statistics' ablation
+#: changes every stage's data).
+ONE_STAGE = ("pleas-free-match", "pleas-free-refit")
 #: The same merges with both sources whole (2x in effective parameters): PLeaS's label, then the variants'.
 WHOLE_SUFFIX = "-whole"
 WHOLE_BUDGET = 2.0
@@ -212,6 +215,12 @@ def free_near_pleas(s: Summary) -> Finding:
             problems.append(f"{fmt.points(whole_best)} points with both whole")
         verdict = (f"{'fails' if problems else 'holds'}: at worst {fmt.points(diffs[worst])} points ({worst:g}x)"
                    + (f"; both whole {fmt.points(whole_best)}" if whole_best is not None else ""))
+        stages = {name: d for label, name in FREE_ABLATIONS.items() if label in ONE_STAGE
+                  and (d := _against_pleas(s, task, arch, label, first)) is not None}
+        if problems and len(stages) > 1:  # which stage's data the loss follows (each ablation changes one)
+            ranked = sorted(stages, key=stages.get)
+            verdict += (f"; the loss follows the {ranked[0]} ({fmt.points(stages[ranked[0]])} at {first:g}x; "
+                        + ", ".join(f"{n} {fmt.points(stages[n])}" for n in ranked[1:]) + ")")
         (failing if problems else holding).append(
             f"{_combo(task, arch)} ({', '.join(problems)})" if problems else _combo(task, arch))
         parts = [f"{name} {fmt.points(d)}" for label, name in {**FREE_VARIANTS, **FREE_ABLATIONS}.items()
