@@ -113,8 +113,7 @@ def _shapes(setup) -> tuple[dict[str, tuple], int]:
     sites = {site.node for g in setup.spec for site in g.sites}
     with torch.no_grad():
         taps = setup.programs[0].run(_head(setup.batches[0], 1), sorted(nodes | sites))[1]
-    tapped = sum(t.numel() * t.element_size() for n, t in taps.items()
-                 if isinstance(t, torch.Tensor) and (n in sites or n in nodes))
+    tapped = sum(t.numel() * t.element_size() for t in taps.values() if isinstance(t, torch.Tensor))
     return {n: tuple(t.shape) for n, t in taps.items() if isinstance(t, torch.Tensor) and n in nodes}, tapped
 
 

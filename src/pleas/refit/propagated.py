@@ -22,14 +22,14 @@ class TargetSampler:
     refit's targets. An observer of :func:`pleas.statistics.source_pass`, so the samples can be taken in
     a pass over the sources that happens anyway (the matching's), before the merge maps exist; they are
     combined into the merged layout only when used. ``columns`` sets each layer's samples per batch
-    (``oversample`` per weight column of the merged layer). ``stream`` ({weight: node}, with
-    ``targets="stream"``): the node each map's output is added to in a residual stream, sampled at the same
-    rows (:mod:`.stream`)."""
+    (``oversample`` per weight column of the merged layer). With ``targets="stream"``, the node each map's
+    output is added to in a residual stream of ``program`` (the sources' capture) is sampled at the same rows
+    (:mod:`.stream`)."""
 
     def __init__(self, layers: list, columns: dict[str, int], options: RefitOptions, n_batches: int,
-                 stream: dict[str, str] | None = None):
+                 program: Program):
         self.layers = layers  # the sources' LinearMaps
-        self.stream = dict(stream or {})
+        self.stream = partners(program, layers) if options.targets == "stream" else {}  # {weight: node}
         self.nodes = sorted({layer.out_node for layer in layers} | set(self.stream.values()))
         self.limits = {layer.weight: row_limit(columns[layer.weight], options.oversample, options.min_rows, n_batches)
                        for layer in layers}
@@ -49,8 +49,7 @@ class TargetSampler:
         params = graph.program.gm.state_dict()
         grow = min(max(budget, 1.0), 2.0)
         columns = {layer.weight: math.ceil(layer.columns(params) * grow) for layer in graph.layers}
-        stream = partners(graph.program, graph.layers) if options.targets == "stream" else None
-        return cls(list(graph.layers), columns, options, n_batches, stream)
+        return cls(list(graph.layers), columns, options, n_batches, graph.program)
 
     def update(self, taps: list[dict], index: int = 0) -> None:
         self.batches += 1
@@ -145,9 +144,9 @@ class StreamedTargets:
 
     def _through(self, layer: RefitLayer) -> None:
         """Walk the sources until ``layer``'s samples are drawn."""
-        drawn = lambda: layer.source.weight not in self.sampler.rows or self.sampler.rows[layer.source.weight]  # noqa: E731
+        rows = self.sampler.rows.get(layer.source.weight)
         self._draw()
-        while not drawn() and self.cursor < len(self.nodes):
+        while rows is not None and not rows and self.cursor < len(self.nodes):
             node = self.nodes[self.cursor]
             self.cursor += 1
             for walk in self.walks:
@@ -179,9 +178,7 @@ def refit_propagated(sources: list[Program], merged: Program, layers: list[Refit
     batches = fitting_batches(merged, batches, options.max_frontier_bytes)
     if samples is None:
         columns = {layer.source.weight: layer.merged.columns(params) for layer in layers}
-        sources_graph = [layer.source for layer in layers]
-        stream = partners(sources[0], sources_graph) if options.targets == "stream" else None
-        samples = TargetSampler(sources_graph, columns, options, total_batches, stream)
+        samples = TargetSampler([layer.source for layer in layers], columns, options, total_batches, sources[0])
         if not options.streaming:
             source_pass(sources, batches, [samples], progress=options.progress, desc="least-squares targets")
     if options.streaming:

@@ -89,11 +89,15 @@ class RowsProblem:
             resid = y.index_select(1, rows).double() - _times_t(xj, self.start, rows, cols)  # Y - X W_0^T, (N, rows)
             pattern += [xj, xj @ xj.T, resid]
 
+    def _residual(self, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Y[:, rows] - X start[rows]^T (x float64, every column)."""
+        return y.index_select(1, rows).double() - _times_t(x, self.start, rows, torch.arange(self.shape[1]))
+
     def _residual_sq(self, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor) -> float:
         """||Y[:, rows] - X start[rows]^T||^2 (x float64, every column)."""
         if not len(rows):
             return 0.0
-        r = y.index_select(1, rows).double() - _times_t(x, self.start, rows, torch.arange(self.shape[1]))
+        r = self._residual(x, y, rows)
         return float((r * r).sum())
 
     def scale(self) -> float:
@@ -142,8 +146,8 @@ class RowsProblem:
         fixed = self._residual_sq(x64, y, self.rest)
         cross = []
         for rows, cols, xj, _, _ in self.patterns:
-            base = y.index_select(1, rows).double() - _times_t(x64, self.start, rows, torch.arange(self.shape[1]))
-            cross.append((x64.index_select(1, cols) @ xj.T, base))  # (N_held, N), (N_held, rows)
+            # (N_held, N) products with the fit rows, and the held-out rows' residuals of S (N_held, rows)
+            cross.append((x64.index_select(1, cols) @ xj.T, self._residual(x64, y, rows)))
         del x64
 
         def error(lam: float) -> float:
