@@ -1,6 +1,7 @@
 """Invariants of partial merging: the ensemble is exact, statistics are additive, a model merged with
 a permuted copy of itself comes back, and bad input is refused clearly."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -94,12 +95,25 @@ def test_average_is_plain_weight_averaging():
         torch.testing.assert_close(t, (a.state_dict()[k] + b.state_dict()[k]) / 2)
 
 
-def test_callers_models_are_untouched():
+@pytest.mark.parametrize("method, options", [
+    ("rebasin", {}), ("pleas", {}), ("pleas", {"streaming": True, "budget": 1.5}), ("pleas", {"fold_bn": True}), ("zipit", {}), ("regmean", {}),
+    ("ensemble", {}), ("average", {}), ("fisher", {}), ("adamerging", {"base": "fresh"}), ("ties", {"base": "fresh"}),
+])
+def test_callers_models_are_untouched(method, options):
+    # the merge's copies of the sources share their storage (pleas.setup.sharing_copy): any write into a
+    # source's weights, mode or gradients would show here
     a, b = _pair(VGGBN)
     a.train()
+    b.eval().requires_grad_(False)
     before = [copy.deepcopy(m.state_dict()) for m in (a, b)]
-    pleas.merge(a, b, torch.randn(8, 3, 16, 16), method="rebasin", progress=False)
-    assert a.training
+    if options.get("base") == "fresh":
+        options = {**options, "base": VGGBN()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pleas.merge(a, b, torch.randn(16, 3, 16, 16), method=method, progress=False, **options)
+    assert a.training and not b.training
+    assert all(p.requires_grad and p.grad is None for p in a.parameters())
+    assert not any(p.requires_grad for p in b.parameters())
     for m, sd in zip((a, b), before):
         assert all(torch.equal(sd[k], v) for k, v in m.state_dict().items())
 

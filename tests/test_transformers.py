@@ -1,6 +1,7 @@
 """Transformers (issue #17): Hugging Face GPT-2, Llama (grouped-query attention, rotary embeddings) and BERT,
 timm's and torchvision's ViTs are merged into their own class at any budget, round-trip through
 save_pretrained, keep their function under permutations of every group, and their ensembles are exact."""
+import copy
 import warnings
 
 import pytest
@@ -221,7 +222,9 @@ def test_a_llama_merged_with_a_rotated_copy_of_itself_comes_back_only_with_ortho
     a = _llama().eval()
     x = _data("llama")
     b = _rotated_copy(a, x)
+    before = copy.deepcopy(a.state_dict())
     result = _merge(a, b, x, method="rebasin", residual="orthogonal", norm_stats="sources")
+    assert all(torch.equal(before[k], t) for k, t in a.state_dict().items())  # the fold and rotation copy first
     assert type(result.model) is type(a) and result.report["aligned"]
     assert_close(_out(result.model, x[:4]), _out(a, x[:4]), rel=1e-3)
     permuted = _merge(a, b, x, method="rebasin", norm_stats="sources").model  # a rotation is no permutation

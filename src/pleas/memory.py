@@ -2,8 +2,8 @@
 spec (:func:`estimate_memory`), the bound it must respect (``max_memory``, default the machine's available
 memory), and per layer the solver that keeps the refit under it (:mod:`pleas.refit.rows_solve`).
 
-The estimate adds to the process's resident memory when the merge starts (the caller's models, the
-setup's private copies) what the merge will hold at once: the merged model (its template is copied without
+The estimate adds to the process's resident memory when the merge starts (the caller's models; the
+setup's copies share their weights, :func:`pleas.setup.sharing_copy`, unless converted to another dtype) what the merge will hold at once: the merged model (its template is copied without
 weights), the matching's moments of every group, the refit's sampled targets of every layer (of two layers
 with ``streaming``; then the sources' activations too), the
 propagated refit's activation frontier, and the largest single layer's solve (its rows and, by the

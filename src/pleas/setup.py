@@ -3,6 +3,7 @@ data and the settings every stage reads. Built once by :func:`prepare`; no stage
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -188,6 +189,19 @@ def _model_dtype(model: nn.Module) -> torch.dtype | None:
     return dtypes.pop() if len(dtypes) == 1 else None
 
 
+def sharing_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose tensors share the model's storage: its own modules (their train/eval mode)
+    and its own Parameter objects (their ``requires_grad`` and ``.grad``), the caller's weights. A conversion
+    (``.to`` another dtype or device) replaces the copy's tensors only. Nothing writes into a source's
+    weights in place; a stage that changes them copies first (:func:`pleas.methods.pleas.folded`,
+    :func:`align_stream`), so the merge holds no second copy of sources it only reads."""
+    memo: dict[int, torch.Tensor] = {}
+    for t in model.state_dict(keep_vars=True).values():
+        if id(t) not in memo:  # tied tensors stay tied: one stand-in per tensor
+            memo[id(t)] = nn.Parameter(t.detach(), requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else t
+    return copy.deepcopy(model, memo)
+
+
 def prepare(models: list[nn.Module], data: Any, **options) -> MergeSetup:
     """Validate the inputs once, copy and capture the models (each exactly once), and return the setup
     (options: those of :func:`_prepare`). In a process group (:mod:`pleas.distributed`), every rank fails
@@ -228,7 +242,7 @@ def _prepare(models: list[nn.Module], data: Any, *, budget: float, heads: str, m
         dtype = _model_dtype(models[0]) or torch.float32
     elif not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise MergeInputError(f"dtype={dtype!r}; allowed: a floating-point torch.dtype such as torch.float32")
-    copies = [copy.deepcopy(m).to(device=device, dtype=dtype).eval() for m in models]
+    copies = [sharing_copy(m).to(device=device, dtype=dtype).eval() for m in models]
     own = None
     if isinstance(data, PerModel):
         data = data.ordered(labels)
@@ -285,7 +299,7 @@ def align_stream(setup: MergeSetup) -> None:
     RMSNorm weight on the stream folded into the maps that read it (both models), then B's stream rotated
     by the orthogonal Procrustes solution on the stream's cross-covariance (:mod:`pleas.rewrite.rotate`,
     :mod:`pleas.matching.orthogonal`). Both models compute the same functions as before; the setup's
-    models and programs are updated in place, and the stream group is recorded in ``setup.aligned`` so
+    models and programs are replaced by private copies holding the new weights, and the stream group is recorded in ``setup.aligned`` so
     that matching pairs its units as they now stand."""
     from .matching.orthogonal import cross_covariance, procrustes
     from .rewrite.rotate import fold_norm_weights, norm_readers, rotate_group, stream_group
@@ -306,10 +320,12 @@ def align_stream(setup: MergeSetup) -> None:
     for state in states:
         fold_norm_weights(readers, setup.spec, state)
     states[1] = rotate_group(setup.spec, group, rotation, states[1], list(readers))
-    for model, program, state in zip(setup.models, setup.programs, states):
+    models = [copy.deepcopy(m) for m in setup.models]  # prepare's copies share the caller's weights
+    for model, state in zip(models, states):
         model.load_state_dict(state)
-        if program.frontend == "export":  # an exported program holds copies of the tensors
-            program.gm.load_state_dict(model.state_dict(), strict=False)
+    setup.models = models
+    setup.programs = [program.bind(model) for program, model in zip(setup.programs, models)]
+    setup.graph = dataclasses.replace(setup.graph, program=setup.programs[0])
     setup.aligned[group.name] = {
         "how": "orthogonal", "norms_folded": sorted(readers),
         "cross_covariance_trace": {"before": before, "after": float(torch.diagonal(cov @ rotation.T).sum())},
