@@ -1,4 +1,4 @@
-"""The validated inputs of one merge: private copies of the models, their captures, the calibration
+"""The validated inputs of one merge: copies of the models (sharing their weights), their captures, the calibration
 data and the settings every stage reads. Built once by :func:`prepare`; no stage changes it."""
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ NORM_STATS = ("auto", "data", "sources")
 
 @dataclass
 class MergeSetup:
-    """Everything the stages of a merge read. ``models`` are private copies in eval mode (never the
-    caller's); ``programs[i]`` is the one capture of ``models[i]``; ``graph`` the analysis of model 0's."""
+    """Everything the stages of a merge read. ``models`` are copies in eval mode (never the
+    caller's modules; read-only weights shared with the caller's, :func:`sharing_copy`); ``programs[i]`` is the one capture of ``models[i]``; ``graph`` the analysis of model 0's."""
 
     models: list[nn.Module]
     programs: list[Program]
