@@ -58,6 +58,10 @@ def merge_shards(out_dir: str) -> None:
         torch.save({"state": result.model.state_dict(), "report": {k: result.report[k] for k in
                     ("calibration_samples", "processes", "norm_stats")}},
                    Path(out_dir) / f"{label(method, options)}-rank{rank}.pt")
+    # distillation: each rank steps on its own shard with the gradients averaged over both
+    result = merge("pleas", 1.0, x, distill_steps=3, distill_loss="mse", distill_lr=1e-4)
+    torch.save({"state": result.model.state_dict(), "distill": result.report["distill"]},
+               Path(out_dir) / f"distill-rank{rank}.pt")
 
 
 def faulty(out_dir: str, fault: str) -> None:

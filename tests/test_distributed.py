@@ -48,6 +48,14 @@ def test_two_ranks_give_the_one_process_merge(two_ranks, method, budget, options
         assert saved["report"]["norm_stats"] == one.report["norm_stats"]
 
 
+def test_distillation_steps_leave_every_rank_with_the_same_weights(two_ranks):
+    saved = [torch.load(two_ranks / f"distill-rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+    assert all(s["distill"]["steps"] == 3 and "restored" not in s["distill"] for s in saved)
+    assert saved[0]["distill"]["loss_after"] == pytest.approx(saved[1]["distill"]["loss_after"], rel=1e-12)
+    for k, v in saved[0]["state"].items():  # the same start and the same averaged gradients on both ranks
+        torch.testing.assert_close(saved[1]["state"][k], v, rtol=RTOL, atol=ATOL, msg=k)
+
+
 def test_shards_are_consecutive_whole_batches():
     x = torch.arange(83)[:, None]
     parts = [distributed.shard(x, 10, r, 3) for r in range(3)]

@@ -96,7 +96,8 @@ def test_average_is_plain_weight_averaging():
 
 
 @pytest.mark.parametrize("method, options", [
-    ("rebasin", {}), ("pleas", {}), ("pleas", {"streaming": True, "budget": 1.5}), ("pleas", {"fold_bn": True}), ("zipit", {}), ("regmean", {}),
+    ("rebasin", {}), ("pleas", {}), ("pleas", {"streaming": True, "budget": 1.5}), ("pleas", {"fold_bn": True}),
+    ("pleas", {"distill_steps": 3}), ("zipit", {}), ("regmean", {}),
     ("ensemble", {}), ("average", {}), ("fisher", {}), ("adamerging", {"base": "fresh"}), ("ties", {"base": "fresh"}),
 ])
 def test_callers_models_are_untouched(method, options):

@@ -60,6 +60,14 @@ class PLeaS(Method):
         Option("streaming", bool, False, "take the refit's targets while it runs, from the sources walked beside "
                "the merged model, instead of holding every layer's from the matching's pass: less memory where "
                "the targets are large (language models), the same merged weights, one more pass of the sources"),
+        Option("distill_steps", int, 0, "after the refit, Adam steps on the whole merged model toward the sources' "
+               "ensemble on the calibration inputs (src/pleas/refit/distill.py): what no linear map undoes, such as a "
+               "norm over a side-by-side merge's joint width; the merge's zero blocks stay zero", low=0),
+        Option("distill_lr", float, 3e-4, "Adam learning rate of the distillation steps (after a warm-up over the "
+               "first tenth)", low=0.0, low_open=True),
+        Option("distill_loss", str, "kl", "the distillation's loss: 'kl' on the softmax over the output's last "
+               "axis (logits), or 'mse' summed over it (any output)", choices=("kl", "mse")),
+        Option("distill_batch", int, 32, "samples per distillation step", low=1),
         Option("fold_bn", bool, False, "fold BatchNorm into the map before it, so the refit fits normalised "
                "pre-activations (no statistics reset then)"),
     )
@@ -95,4 +103,7 @@ class PLeaS(Method):
         report = {"refit": entries, **norms}
         if allocation:
             report["allocation"] = allocation
-        return Outcome(stages.finished(setup, built), built, report)
+        model = stages.finished(setup, built)
+        if self.opts["distill_steps"]:
+            report["distill"] = stages.distill(setup, model, self.opts)
+        return Outcome(model, built, report)

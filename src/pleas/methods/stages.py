@@ -225,6 +225,16 @@ def finished(setup: MergeSetup, built: Built) -> nn.Module:
     return model.eval()
 
 
+def distill(setup: MergeSetup, model: nn.Module, opts: dict) -> dict:
+    """Distil the finished ``model`` toward the sources' ensemble in place (options ``distill_*``); the
+    report entry (:mod:`pleas.refit.distill`)."""
+    from ..refit.distill import distill as run
+
+    return run(model, setup.models, setup.batches, steps=opts["distill_steps"], lr=opts["distill_lr"],
+               batch_size=opts["distill_batch"], loss=opts["distill_loss"], separate=setup.heads == "separate",
+               seed=setup.seed, progress=setup.progress)
+
+
 # ------------------------------------------------------------------------------------------ refit and norms
 
 def target_sampler(setup: MergeSetup, options: RefitOptions) -> TargetSampler:
