@@ -18,6 +18,8 @@ def test_every_method_is_planned_at_1x_and_pleas_at_every_budget_with_both_strea
         residuals = {e.get("residual", "permutation") for _, m, b, e in plan if m == "pleas" and b == budget}
         assert residuals == {"permutation", "orthogonal"}
     assert not any(e.get("residual") for _, _, _, e in T._plan(False, (1.0,)))
+    distilled = {b for _, m, b, e in plan if m == "pleas" and e.get("distill_steps")}
+    assert distilled == {1.0, 2.0}
 
 
 def _lm_results():
@@ -27,7 +29,7 @@ def _lm_results():
     rows = [row("source A (code)", "source", None, 2.0, 4.0), row("source B (prose)", "source", None, 4.0, 2.2),
             row("logit average", "logit average", None, 2.4, 2.5), row("mixture", "mixture", None, 2.3, 2.4),
             row("weight average", "average", 1.0, 6.0, 6.0, 1.0), row("PLeaS", "pleas", 1.0, 3.0, 3.0, 4.0),
-            row("PLeaS", "pleas", 2.0, 2.5, 2.6, 6.0)]
+            row("PLeaS", "pleas", 2.0, 2.5, 2.6, 6.0), row("PLeaS + 50 distillation steps", "pleas", 2.0, 2.4, 2.55, 9.0)]
     return {"lm": [{"family": "gpt2", "recipes": ["a", "b"], "calibration_windows": 8, "window": 16,
                     "eval_windows": 4, "forward_floor_seconds": 2.0, "rows": rows}]}
 
@@ -39,6 +41,8 @@ def test_the_report_gives_the_share_of_the_gap_closed_and_the_time_over_the_floo
     # mean 3.0: (6.0 - 3.0) / (6.0 - 3.0 (better source's mean)) = 100%; 4 s over a 2 s floor
     assert cells[4] == "3.000" and cells[5] == "100%" and cells[7] == "2.0"
     assert "| weight average | 1.0 |" in text and "0%" in text
+    # 2x against the logit average (mean 2.45): PLeaS 2.55, with distillation 2.475
+    assert "PLeaS +0.100 bits per byte; PLeaS + 50 distillation steps +0.025 bits per byte" in text
 
 
 def test_the_plot_is_written(tmp_path):

@@ -24,7 +24,6 @@ import warnings
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..api import merge
@@ -43,6 +42,8 @@ VIT_CALIBRATION = 1000
 DISTILL_LONG = 4
 DISTILL_LR = 3e-4
 DISTILL_BATCH = 16
+#: PLeaS with the option ``distill_steps`` (its other distillation options at their defaults), at 1x and 2x.
+PLEAS_DISTILL_STEPS = 50
 
 
 def _quiet_merge(*args, **kwargs):
@@ -65,6 +66,9 @@ def _plan(family_rotates: bool, budgets: tuple[float, ...]) -> list[tuple[str, s
             suffix = ", rotated stream" if extra else ""
             plan.append((f"Git Re-Basin{suffix}", "rebasin", budget, extra))
             plan.append((f"PLeaS{suffix}", "pleas", budget, extra))
+    for budget in (b for b in budgets if b in (1.0, 2.0)):
+        plan.append((f"PLeaS + {PLEAS_DISTILL_STEPS} distillation steps", "pleas", budget,
+                     {"distill_steps": PLEAS_DISTILL_STEPS}))
     plan.append(("ensemble (method)", "ensemble", 2.0, {}))
     return plan
 
@@ -81,31 +85,18 @@ def _bpb(model: nn.Module, count: int) -> dict[str, float]:
 
 def distill_lm(student: nn.Module, teacher_a: nn.Module, teacher_b: nn.Module, ids: torch.Tensor, seconds: float,
                *, seed: int = 0) -> tuple[nn.Module, int]:
-    """Train ``student`` (a copy) for ``seconds`` of wall time to match the logit-average ensemble's
-    next-byte distributions on ``ids`` (KL divergence; AdamW at :data:`DISTILL_LR`, batches of
-    :data:`DISTILL_BATCH` windows in a seeded order). The teacher's logits are computed first, inside the
-    time. Returns the student (eval mode) and the steps taken."""
-    from ..experiments.lm import lm_logits
+    """Train a copy of ``student`` for ``seconds`` of wall time to match the logit-average ensemble's
+    next-byte distributions on ``ids`` (:func:`pleas.refit.distill.distill`: KL divergence, Adam at
+    :data:`DISTILL_LR` without warm-up, batches of :data:`DISTILL_BATCH` windows in a seeded order, eval
+    mode, every weight free). The teacher's logits are computed first, inside the time. Returns the
+    student (eval mode) and the steps taken."""
+    from ..refit.distill import distill
 
-    start = time.perf_counter()
-    student = copy.deepcopy(student).train()
-    with torch.no_grad():
-        target = torch.cat([F.log_softmax((lm_logits(teacher_a, x) + lm_logits(teacher_b, x)) / 2, -1)
-                            for x in ids.split(64)])
-    opt = torch.optim.AdamW(student.parameters(), lr=DISTILL_LR, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
-    steps = 0
-    while time.perf_counter() - start < seconds:
-        for idx in torch.randperm(len(ids), generator=gen).split(DISTILL_BATCH):
-            log_p = F.log_softmax(lm_logits(student, ids[idx]), -1)
-            loss = F.kl_div(log_p.flatten(0, 1), target[idx].flatten(0, 1), log_target=True, reduction="batchmean")
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            steps += 1
-            if time.perf_counter() - start >= seconds:
-                break
-    return student.eval(), steps
+    student = copy.deepcopy(student)
+    entry = distill(student, [teacher_a, teacher_b], list(ids.split(64)), steps=1 << 40, seconds=seconds,
+                    lr=DISTILL_LR, batch_size=DISTILL_BATCH, loss="kl", warmup=0, keep_zeros=False, seed=seed,
+                    progress=False)
+    return student.eval(), entry["steps"]
 
 
 def lm_pair_rows(family: str, *, budgets: tuple[float, ...] = BUDGETS, calibration: int = LM_CALIBRATION,
@@ -235,6 +226,11 @@ def render_lm(pair: dict) -> list[str]:
                      f"{'-' if not secs or r['method'] == 'distillation' else f'{secs / floor:.1f}'} |")
     lines += ["", "*gap closed*: the share of the way from the weight average to the better source, in mean bits "
               "per byte (100%: as good as the better source). *x floor*: merge time over the forward floor.", ""]
+    reference = by.get(("logit average", None))
+    side_by_side = [r for r in rows if r["method"] == "pleas" and r["budget"] == 2.0]
+    if reference and side_by_side:
+        lines += ["Both models side by side (2x) against the logit average: " + "; ".join(
+            f"{r['row']} {r['mean'] - reference['mean']:+.3f} bits per byte" for r in side_by_side) + ".", ""]
     return lines
 
 

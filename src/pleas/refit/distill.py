@@ -100,10 +100,16 @@ def _mean_loss(model: nn.Module, batches: list, teachers: list, kind: str) -> fl
 
 def distill(model: nn.Module, sources: list[nn.Module], batches: list, *, steps: int, lr: float = 3e-4,
             batch_size: int = 32, loss: str = "kl", separate: bool = False, seed: int = 0,
+            seconds: float | None = None, warmup: int | None = None, keep_zeros: bool = True,
             progress: bool = True) -> dict:
     """Train ``model`` in place for ``steps`` Adam steps toward the ensemble of ``sources`` on the samples
-    of ``batches`` (see the module docstring). Returns the report entry: steps, loss before and after
-    (the mean over every calibration sample), seconds, and ``restored`` when the steps were undone."""
+    of ``batches`` (see the module docstring). Returns the report entry: steps taken, loss before and after
+    (the mean over every calibration sample), seconds, and ``restored`` when the steps were undone.
+
+    ``seconds`` also stops the steps once that much wall time has passed since the call (the teacher's
+    pass included, the loss bookkeeping not): a time-matched comparison, not deterministic. ``warmup``:
+    steps of learning-rate warm-up (default a tenth of ``steps``; 0 for none). ``keep_zeros=False`` lets
+    exact zeros move (a dense start, such as a source model)."""
     if loss not in LOSSES:
         raise ValueError(f"distill loss={loss!r}; allowed: {LOSSES}")
     began = time.perf_counter()
@@ -111,15 +117,18 @@ def distill(model: nn.Module, sources: list[nn.Module], batches: list, *, steps:
     params = [p for p in model.parameters() if p.is_floating_point()]
     flags = [p.requires_grad for p in params]
     start = [p.detach().clone() for p in params]
-    frozen = [p == 0 for p in start]  # the merge's zero blocks stay zero
+    frozen = [p == 0 if keep_zeros else torch.zeros_like(p, dtype=torch.bool) for p in start]
     sizes = [samples_in(b) for b in batches]
     chunks = [(i, idx) for i, n in enumerate(sizes) for idx in torch.arange(n).split(batch_size)]
     generator = torch.Generator().manual_seed(seed)
-    warmup = max(steps // 10, 1)
+    warmup = max(steps // 10, 1) if warmup is None else warmup
     optimiser = torch.optim.Adam(params, lr=lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: min((s + 1) / warmup, 1.0))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: min((s + 1) / warmup, 1.0) if warmup else 1.0)
     model.eval()
+    counted = time.perf_counter()
     before = _mean_loss(model, batches, teachers, loss)
+    bookkeeping = time.perf_counter() - counted
+    taken = 0
     finite = True
     try:
         for p in params:
@@ -128,6 +137,11 @@ def distill(model: nn.Module, sources: list[nn.Module], batches: list, *, steps:
         order: list[int] = []
         with torch.enable_grad():
             for _ in tqdm(range(steps), desc="distillation", disable=not progress, leave=False):
+                if seconds is not None:
+                    late = torch.tensor([float(time.perf_counter() - began - bookkeeping >= seconds)])
+                    distributed.all_sum(late)  # every rank stops at the same step
+                    if late.item():
+                        break
                 if not order:
                     order = torch.randperm(len(chunks), generator=generator).tolist()
                 i, idx = chunks[order.pop()]
@@ -149,12 +163,13 @@ def distill(model: nn.Module, sources: list[nn.Module], batches: list, *, steps:
                 with torch.no_grad():
                     for p, keep in zip(params, frozen):
                         p.masked_fill_(keep, 0.0)
+                taken += 1
     finally:
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
             p.grad = None
     after = _mean_loss(model, batches, teachers, loss) if finite else math.inf
-    entry = {"steps": steps, "loss": loss, "lr": lr, "batch_size": batch_size, "loss_before": before,
+    entry = {"steps": taken, "loss": loss, "lr": lr, "batch_size": batch_size, "loss_before": before,
              "loss_after": after, "seconds": time.perf_counter() - began}
     if not finite or not after <= before:
         with torch.no_grad():
