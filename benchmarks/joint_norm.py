@@ -51,8 +51,9 @@ def stream_owner(merged, a, b) -> list[torch.Tensor]:
     """Each model's stream units in an unrefitted side-by-side merge: the merged embedding's columns are
     copies of A's or B's."""
     e = merged.model.embed_tokens.weight.detach()
-    da = torch.cdist(e.T, a.model.embed_tokens.weight.detach().T).min(1).values
-    db = torch.cdist(e.T, b.model.embed_tokens.weight.detach().T).min(1).values
+    exact = "donot_use_mm_for_euclid_dist"  # the matrix-product form's round-off would hide a copy
+    da = torch.cdist(e.T, a.model.embed_tokens.weight.detach().T, compute_mode=exact).min(1).values
+    db = torch.cdist(e.T, b.model.embed_tokens.weight.detach().T, compute_mode=exact).min(1).values
     if float(torch.minimum(da, db).max()) > 1e-5:
         raise RuntimeError("the merged embedding's columns are not copies of the sources'")
     owner = (db < da).long()
@@ -64,6 +65,30 @@ def per_model_norms(model, parts, sites: set[str]):
     for name, parent, attr in norm_sites(out):
         if name in sites:
             setattr(parent, attr, PerModelRMSNorm(getattr(parent, attr), parts))
+    return out
+
+
+def stream_ratios(model, parts, ids: torch.Tensor) -> dict[str, tuple[float, float, float]]:
+    """At every norm's input: the mean and sd over tokens of log(RMS of A's units / RMS of B's), and the
+    share of its variance the current byte explains (on a model with per-model norms: the sources' own
+    streams side by side)."""
+    seen = {}
+    hooks = [getattr(parent, attr).register_forward_pre_hook(
+        lambda _m, inp, name=name: seen.__setitem__(name, inp[0].detach().double()))
+        for name, parent, attr in norm_sites(model)]
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for name, h in seen.items():
+        ratio = (h[..., parts[0]].pow(2).mean(-1).sqrt() / h[..., parts[1]].pow(2).mean(-1).sqrt()).log().flatten()
+        byte = ids.flatten()
+        means = torch.zeros(256, dtype=torch.float64).index_add_(0, byte, ratio) / \
+            torch.bincount(byte, minlength=256).clamp(min=1)
+        out[name] = (float(ratio.mean()), float(ratio.std()), 1 - float((ratio - means[byte]).var() / ratio.var()))
     return out
 
 
@@ -99,9 +124,12 @@ def main() -> None:
     names = [n for n, _, _ in norm_sites(side)]
     print(f"side by side, no refit, joint norms          {score(side):.4f}")
     print(f"side by side, no refit, every norm per model {score(per_model_norms(side, parts, set(names))):.4f}")
+    ratios = stream_ratios(per_model_norms(side, parts, set(names)), parts, ids[:128])  # the sources' streams
     for name in names:
         alone = score(per_model_norms(side, parts, set(names) - {name}))
-        print(f"  only the {name:24s} norm joint: {alone:.4f} ({alone - reference:+.3f})")
+        mean, sd, byte = ratios[name]
+        print(f"  only the {name:24s} norm joint: {alone:.4f} ({alone - reference:+.3f}); log RMS ratio A/B "
+              f"mean {mean:+.2f} sd {sd:.2f}, {byte:.0%} of its variance explained by the current byte")
     for steps in (int(s) for s in args.steps.split(",")):
         model, seconds = merge("pleas", distill_steps=steps)
         value = score(model)
