@@ -18,6 +18,9 @@ outputs, with separate heads each source's own), take it out: the pleas option `
   (:mod:`pleas.distributed`), so every rank holds the same weights after every step.
 * **Safety**: a non-finite loss, or a final loss above the starting one, restores the merged weights and
   says so in the report and a warning.
+* **Memory**: about four more copies of the merged weights (the gradients, Adam's two moments, the start
+  kept for the undo), and the teacher's outputs for every calibration sample while they fit in
+  :data:`TEACHER_CACHE_BYTES` (else the sources run again at every step).
 
 Written here rather than with a trainer library: the loop is a few lines over the calibration batches the
 merge already holds, and a trainer would bring its own data, device and logging conventions.
@@ -65,14 +68,26 @@ def _run(model: nn.Module, batch: Any) -> list[Tensor]:
     return output_tensors(model(*args, **kwargs))
 
 
+#: The teacher's outputs for every calibration sample are kept when they fit in this many bytes (a language
+#: model's logits are samples x tokens x vocabulary); above it they are computed again for every step.
+TEACHER_CACHE_BYTES = 512 << 20
+
+
 @torch.no_grad()
-def teacher_outputs(sources: list[nn.Module], batches: list, separate: bool) -> list[list[Tensor]]:
-    """Per batch, the teacher's output tensors: every source's own with ``separate`` heads, else their mean."""
-    out = []
-    for batch in batches:
-        per = [_run(m, batch) for m in sources]
-        out.append([t for p in per for t in p] if separate else [sum(ts) / len(ts) for ts in zip(*per)])
-    return out
+def _teach(sources: list[nn.Module], batch: Any, separate: bool) -> list[Tensor]:
+    per = [_run(m, batch) for m in sources]
+    return [t for p in per for t in p] if separate else [sum(ts) / len(ts) for ts in zip(*per)]
+
+
+def teacher(sources: list[nn.Module], batches: list, separate: bool, max_bytes: int = TEACHER_CACHE_BYTES):
+    """``teach(i, idx)``: the teacher's output tensors for samples ``idx`` of batch ``i`` (every source's own
+    with ``separate`` heads, else their mean), from a cache of every batch's when that fits in ``max_bytes``."""
+    one = _teach(sources, take(batches[0], torch.arange(1)), separate)
+    per_sample = sum(t.numel() * t.element_size() for t in one)
+    if per_sample * sum(samples_in(b) for b in batches) > max_bytes:
+        return lambda i, idx: _teach(sources, take(batches[i], idx), separate)
+    cached = [_teach(sources, b, separate) for b in batches]
+    return lambda i, idx: [t[idx] for t in cached[i]]
 
 
 def loss_of(student: list[Tensor], teacher: list[Tensor], kind: str) -> Tensor:
@@ -90,10 +105,13 @@ def loss_of(student: list[Tensor], teacher: list[Tensor], kind: str) -> Tensor:
     return sum(parts) / len(parts)
 
 
-def _mean_loss(model: nn.Module, batches: list, teachers: list, kind: str) -> float:
+def _mean_loss(model: nn.Module, batches: list, teach, kind: str) -> float:
     """The loss averaged over every calibration sample (of every rank)."""
+    total = 0.0
     with torch.no_grad():
-        total = sum(float(loss_of(_run(model, b), t, kind)) * samples_in(b) for b, t in zip(batches, teachers))
+        for i, b in enumerate(batches):
+            every = torch.arange(samples_in(b))
+            total += float(loss_of(_run(model, b), teach(i, every), kind)) * len(every)
     total, count = distributed.sum_numbers(total, sum(samples_in(b) for b in batches))
     return total / max(count, 1)
 
@@ -113,7 +131,7 @@ def distill(model: nn.Module, sources: list[nn.Module], batches: list, *, steps:
     if loss not in LOSSES:
         raise ValueError(f"distill loss={loss!r}; allowed: {LOSSES}")
     began = time.perf_counter()
-    teachers = teacher_outputs(sources, batches, separate)
+    teach = teacher(sources, batches, separate)
     params = [p for p in model.parameters() if p.is_floating_point()]
     flags = [p.requires_grad for p in params]
     start = [p.detach().clone() for p in params]
@@ -126,7 +144,7 @@ def distill(model: nn.Module, sources: list[nn.Module], batches: list, *, steps:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: min((s + 1) / warmup, 1.0) if warmup else 1.0)
     model.eval()
     counted = time.perf_counter()
-    before = _mean_loss(model, batches, teachers, loss)
+    before = _mean_loss(model, batches, teach, loss)
     bookkeeping = time.perf_counter() - counted
     taken = 0
     finite = True
@@ -145,7 +163,7 @@ def distill(model: nn.Module, sources: list[nn.Module], batches: list, *, steps:
                 if not order:
                     order = torch.randperm(len(chunks), generator=generator).tolist()
                 i, idx = chunks[order.pop()]
-                value = loss_of(_run(model, take(batches[i], idx)), [t[idx] for t in teachers[i]], loss)
+                value = loss_of(_run(model, take(batches[i], idx)), teach(i, idx), loss)
                 bad = torch.tensor([0.0 if torch.isfinite(value) else 1.0])
                 optimiser.zero_grad(set_to_none=False)
                 if not bad.item():
@@ -168,7 +186,7 @@ def distill(model: nn.Module, sources: list[nn.Module], batches: list, *, steps:
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
             p.grad = None
-    after = _mean_loss(model, batches, teachers, loss) if finite else math.inf
+    after = _mean_loss(model, batches, teach, loss) if finite else math.inf
     entry = {"steps": taken, "loss": loss, "lr": lr, "batch_size": batch_size, "loss_before": before,
              "loss_after": after, "seconds": time.perf_counter() - began}
     if not finite or not after <= before:
