@@ -166,3 +166,16 @@ print(json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1
                           env={"OMP_NUM_THREADS": "1", **__import__("os").environ})
     found = json.loads(done.stdout.strip().splitlines()[-1])
     assert 0.5 < found["estimate"] / found["peak"] < 2.0, found
+
+
+def test_the_estimate_counts_what_distillation_steps_hold():
+    def model(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(512, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 4))
+
+    x = torch.randn(64, 512)
+    plain = pleas.estimate_memory(model(0), model(1), x)
+    tuned = pleas.estimate_memory(model(0), model(1), x, distill_steps=50)
+    # gradients, Adam's two moments and the start kept for the undo, beside the merged weights themselves
+    assert tuned.peak >= tuned.resident + 5 * tuned.merged
+    assert tuned.peak - tuned.resident > plain.peak - plain.resident

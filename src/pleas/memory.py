@@ -7,7 +7,8 @@ setup's copies share their weights, :func:`pleas.setup.sharing_copy`, unless con
 weights), the matching's moments of every group, the refit's sampled targets of every layer (of two layers
 with ``streaming``; then the sources' activations too), the
 propagated refit's activation frontier, and the largest single layer's solve (its rows and, by the
-solver chosen for it, its Gram or its dual system). docs/memory.md compares it with measured peaks.
+solver chosen for it, its Gram or its dual system); with the pleas option ``distill_steps``, the
+distillation's copies of the merged weights, teacher outputs and a minibatch's activations. docs/memory.md compares it with measured peaks.
 """
 from __future__ import annotations
 
@@ -103,18 +104,21 @@ class MemoryEstimate:
                 "frontier": self.frontier, "largest_layer": self.layer, "streaming": self.streaming}
 
 
-def _shapes(setup) -> tuple[dict[str, tuple], int]:
-    """Every linear map's input and output shape per sample (one sample through model 0's capture), and
-    the bytes per sample of every value a pass over the sources taps at once (the groups' sites and the
-    maps' outputs), which a statistics pass holds for a whole batch of every model."""
+def _shapes(setup) -> tuple[dict[str, tuple], int, int]:
+    """Every linear map's input and output shape per sample (one sample through model 0's capture), the
+    bytes per sample of every value a pass over the sources taps at once (the groups' sites and the maps'
+    outputs), which a statistics pass holds for a whole batch of every model, and the bytes of one sample's
+    output."""
     from .capture.program import _head
+    from .refit.distill import output_tensors
 
     nodes = {n for layer in setup.graph.layers for n in (layer.in_node, layer.out_node)}
     sites = {site.node for g in setup.spec for site in g.sites}
     with torch.no_grad():
-        taps = setup.programs[0].run(_head(setup.batches[0], 1), sorted(nodes | sites))[1]
+        out, taps = setup.programs[0].run(_head(setup.batches[0], 1), sorted(nodes | sites))
     tapped = sum(t.numel() * t.element_size() for t in taps.values() if isinstance(t, torch.Tensor))
-    return {n: tuple(t.shape) for n, t in taps.items() if isinstance(t, torch.Tensor) and n in nodes}, tapped
+    output = sum(t.numel() * t.element_size() for t in output_tensors(out))
+    return {n: tuple(t.shape) for n, t in taps.items() if isinstance(t, torch.Tensor) and n in nodes}, tapped, output
 
 
 def _positions(shape: tuple, units: int) -> int:
@@ -158,7 +162,7 @@ def estimate_memory(setup, method, limit: int | None = None) -> MemoryEstimate:
         for g in setup.spec:
             moments += 8 * ((setup.n * g.width) ** 2 if full or setup.n > 2 else g.width ** 2 + 4 * g.width)
     params = setup.models[0].state_dict()
-    shapes, tapped = _shapes(setup) if (refits or matches or name == "regmean") else ({}, 0)
+    shapes, tapped, output = _shapes(setup) if (refits or matches or name == "regmean") else ({}, 0, 0)
     samples = setup.data.samples()
     n_batches = max(len(setup.batches), 1)
     taps = tapped * setup.n * min(samples, max(math.ceil(samples / n_batches), 1))  # one batch of every model
@@ -199,6 +203,14 @@ def estimate_memory(setup, method, limit: int | None = None) -> MemoryEstimate:
         layers.append({"layer": name_l, "columns": p, "outputs": m, "rows": rows, "solver": solver,
                        "bytes": need, "dense_bytes": solve_bytes("dense", p, m, rows) + rows_bytes})
     layer = max(layers, key=lambda e: e["bytes"], default={})
+    distill = 0
+    if refits and getattr(method, "opts", {}).get("distill_steps"):
+        from .refit.distill import TEACHER_CACHE_BYTES
+
+        # the merged weights 5 times (gradients, Adam's moments, the start kept for the undo), the teacher's
+        # outputs, and a minibatch's activations kept for the backward pass
+        teacher = min(output * setup.n * samples, TEACHER_CACHE_BYTES)
+        distill = build * 5 + teacher + int(2 * tapped * scale * method.opts["distill_batch"])
     if name == "regmean":
         solve = sum(e["bytes"] for e in layers)
         peak = resident + build + solve + OVERHEAD
@@ -207,7 +219,7 @@ def estimate_memory(setup, method, limit: int | None = None) -> MemoryEstimate:
         # the moments and targets are held through the matching (streamed targets: taken in the refit);
         # targets, frontier and a layer's solve during the refit (after the merged model is built)
         peak = resident + max(moments + taps + (0 if streaming else targets),
-                              build + targets + frontier + solve) + OVERHEAD
+                              build + targets + frontier + solve, distill) + OVERHEAD
     out = MemoryEstimate(resident, merged, build, moments, targets, frontier, layer, int(peak), limit, layers,
                          streaming)
     out.solve_budget = budget
