@@ -18,6 +18,7 @@ from . import distributed
 from .errors import MergeInputError, PleasError
 from .groups import ModelGraph, PermutationSpec, analyze
 from .rewrite.constraints import width_ties
+from .rewrite.rebuild import tensor_memo
 from .rewrite.maps import GroupMap, ensemble_map
 
 HEADS = ("shared", "separate")
@@ -195,11 +196,7 @@ def sharing_copy(model: nn.Module) -> nn.Module:
     (``.to`` another dtype or device) replaces the copy's tensors only. Nothing writes into a source's
     weights in place; a stage that changes them copies first (:func:`pleas.methods.pleas.folded`,
     :func:`align_stream`), so the merge holds no second copy of sources it only reads."""
-    memo: dict[int, torch.Tensor] = {}
-    for t in model.state_dict(keep_vars=True).values():
-        if id(t) not in memo:  # tied tensors stay tied: one stand-in per tensor
-            memo[id(t)] = nn.Parameter(t.detach(), requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else t
-    return copy.deepcopy(model, memo)
+    return copy.deepcopy(model, tensor_memo(model, lambda t: t.detach()))
 
 
 def prepare(models: list[nn.Module], data: Any, **options) -> MergeSetup:

@@ -214,9 +214,15 @@ def batch_size(batch) -> int:
     return first.shape[0]
 
 
-def _head(batch, n: int):
+def take(batch, index):
+    """The samples ``index`` (a slice or an index tensor) of a calibration batch: a tensor, a tuple or list
+    of them, or a dict (entries that are not tensors kept as they are)."""
     if isinstance(batch, torch.Tensor):
-        return batch[:n]
+        return batch[index]
     if isinstance(batch, (tuple, list)):
-        return type(batch)(t[:n] if isinstance(t, torch.Tensor) else t for t in batch)
-    return {k: v[:n] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return type(batch)(t[index] if isinstance(t, torch.Tensor) else t for t in batch)
+    return {k: v[index] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _head(batch, n: int):
+    return take(batch, slice(None, n))

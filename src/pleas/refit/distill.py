@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..capture.program import as_call, batch_size as samples_in
+from ..capture.program import _head, as_call, batch_size as samples_in, take
 
 LOSSES = ("kl", "mse")
 
@@ -52,15 +52,6 @@ def output_tensors(out: Any) -> list[Tensor]:
     if isinstance(out, (tuple, list)):
         return [t for o in out for t in output_tensors(o)]
     return []
-
-
-def take(batch: Any, index: Tensor) -> Any:
-    """The samples ``index`` of a calibration batch (a tensor, a tuple or list of them, or a dict)."""
-    if isinstance(batch, Tensor):
-        return batch[index]
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(t[index] if isinstance(t, Tensor) else t for t in batch)
-    return {k: v[index] if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
 def _run(model: nn.Module, batch: Any) -> list[Tensor]:
@@ -82,7 +73,7 @@ def _teach(sources: list[nn.Module], batch: Any, separate: bool) -> list[Tensor]
 def teacher(sources: list[nn.Module], batches: list, separate: bool, max_bytes: int = TEACHER_CACHE_BYTES):
     """``teach(i, idx)``: the teacher's output tensors for samples ``idx`` of batch ``i`` (every source's own
     with ``separate`` heads, else their mean), from a cache of every batch's when that fits in ``max_bytes``."""
-    one = _teach(sources, take(batches[0], torch.arange(1)), separate)
+    one = _teach(sources, _head(batches[0], 1), separate)
     per_sample = sum(t.numel() * t.element_size() for t in one)
     if per_sample * sum(samples_in(b) for b in batches) > max_bytes:
         return lambda i, idx: _teach(sources, take(batches[i], idx), separate)

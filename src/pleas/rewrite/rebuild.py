@@ -69,16 +69,22 @@ def build_model(template: nn.Module, state_dict: dict[str, torch.Tensor], *, tak
     return model
 
 
-def _placeholders(template: nn.Module) -> dict[int, torch.Tensor]:
-    """A ``copy.deepcopy`` memo giving each state-dict tensor of ``template`` an empty stand-in of its dtype
-    (a Parameter for a Parameter; tied tensors share one): the copy gets the template's modules without a
-    second copy of its weights, all of which :func:`build_model` replaces."""
+def tensor_memo(model: nn.Module, stand_in) -> dict[int, torch.Tensor]:
+    """A ``copy.deepcopy`` memo giving each state-dict tensor of ``model`` the tensor ``stand_in(t)``
+    (wrapped in a new Parameter for a Parameter, with its ``requires_grad``; tied tensors share one): the
+    copy gets the model's modules with these tensors in place of copies of its own."""
     memo: dict[int, torch.Tensor] = {}
-    for t in template.state_dict(keep_vars=True).values():
+    for t in model.state_dict(keep_vars=True).values():
         if id(t) not in memo:
-            empty = torch.empty(0, dtype=t.dtype, device=t.device)
-            memo[id(t)] = nn.Parameter(empty, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else empty
+            new = stand_in(t)
+            memo[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
     return memo
+
+
+def _placeholders(template: nn.Module) -> dict[int, torch.Tensor]:
+    """Empty stand-ins of each tensor's dtype (:func:`tensor_memo`): the copy gets the template's modules
+    without a second copy of its weights, all of which :func:`build_model` replaces."""
+    return tensor_memo(template, lambda t: torch.empty(0, dtype=t.dtype, device=t.device))
 
 
 def _with_parents(model: nn.Module, resized: dict[str, nn.Module]) -> dict[str, nn.Module]:
